@@ -1,0 +1,216 @@
+"""Backpropagation through whole relaxations: parameters, the rollout loss and one jitted optimiser step.
+
+Everything here is a pure function of explicit pytrees::
+
+    bptt = BPTT(model, RelaxConfig(...), OptimConfig(...))
+    params = bptt.init_params(key, batch)              # {"model": ..., ["step_size"], ["step_head"]}
+    state = bptt.init_state(params, key)               # TrainState(params, opt_state, step, rng)
+    state, metrics = bptt.train_step(state, batch)     # jit: value_and_grad through the rollout, clip+Adam
+
+``batch`` is a :class:`~bptt_jax.structures.Batch` with ``target_positions``. The loss is the mean over
+real structures of Dq (paper Eq. 4) or MSE of the final positions, plus an optional proximal L2 term to
+reference parameters (App. C.2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional, Union
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from bptt_jax import relax as relax_lib
+from bptt_jax.losses import masked_mean, structure_loss
+from bptt_jax.models.step_head import StepHead
+from bptt_jax.relax import RelaxConfig, RolloutResult
+from bptt_jax.structures import Batch
+
+Array = jax.Array
+Params = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """MLIP-level optimiser (paper: gradient clipping + Adam, 5 epochs).
+
+    Attributes:
+      learning_rate: Adam learning rate (a float or an optax schedule).
+      clip_norm: global-norm gradient clip.
+      loss: ``"dq"`` (Si defects, catalysts) or ``"mse"`` (pure crystals).
+      prox_weight: weight λ of ``λ/2 · ||θ - θ_ref||²`` on the model parameters (0 = off).
+    """
+
+    learning_rate: Union[float, optax.Schedule] = 1e-4
+    clip_norm: float = 1.0
+    loss: str = "dq"
+    prox_weight: float = 0.0
+
+    def __post_init__(self):
+        if self.loss not in ("dq", "mse"):
+            raise ValueError(f"unknown loss {self.loss!r}; expected dq or mse")
+
+
+def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
+    """``optax.chain(clip_by_global_norm, adam)``."""
+    return optax.chain(optax.clip_by_global_norm(config.clip_norm), optax.adam(config.learning_rate))
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training: parameters, optimiser state, step count, PRNG key."""
+
+    params: Params
+    opt_state: optax.OptState
+    step: Array
+    rng: Array
+
+
+def proximal_term(params: Params, ref_params: Params) -> Array:
+    """``1/2 · ||θ - θ_ref||²`` over the model parameters."""
+    diffs = jax.tree_util.tree_map(lambda p, r: jnp.sum((p - r) ** 2), params["model"], ref_params["model"])
+    return 0.5 * sum(jax.tree_util.tree_leaves(diffs))
+
+
+@dataclasses.dataclass(frozen=True)
+class BPTT:
+    """A force model, how it relaxes structures, and how it is trained through the relaxation.
+
+    Attributes:
+      model: a Flax module ``model(batch, deterministic) -> (B, N, 3)`` forces in eV/Å.
+      relax: the relaxation (update rule, step-size mode, stop rule).
+      optim: the MLIP-level optimiser and loss.
+      step_head: the App. B step-size head, used when ``relax.step_mode == "network"``.
+    """
+
+    model: nn.Module
+    relax: RelaxConfig = RelaxConfig()
+    optim: OptimConfig = OptimConfig()
+    step_head: Optional[StepHead] = None
+
+    def __post_init__(self):
+        if self.relax.step_mode == "network" and self.step_head is None:
+            object.__setattr__(self, "step_head", StepHead(init_step=self.relax.step_size))
+        # Jitted entry points; the instance is captured by closure, so each shape compiles once.
+        object.__setattr__(self, "train_step", jax.jit(self._train_step))
+        object.__setattr__(self, "relax_batch", jax.jit(self._relax_batch, static_argnames=("mode", "record")))
+        object.__setattr__(self, "evaluate", jax.jit(self._evaluate))
+
+    # -- parameters ---------------------------------------------------------------------------------
+
+    def init_params(self, key: Array, batch: Batch) -> Params:
+        """Fresh parameters for ``batch``'s shapes."""
+        k_model, k_head = jax.random.split(key)
+        params: Params = {"model": self.model.init(k_model, batch)}
+        self._add_step_params(params, k_head, batch)
+        return params
+
+    def with_model_params(self, model_variables: Any, key: Array, batch: Batch) -> Params:
+        """Parameters around pretrained model variables (step-size parameters freshly initialised)."""
+        params: Params = {"model": model_variables}
+        self._add_step_params(params, key, batch)
+        return params
+
+    def _add_step_params(self, params: Params, key: Array, batch: Batch) -> None:
+        dtype = batch.positions.dtype
+        if self.relax.step_mode == "learned":
+            params["step_size"] = jnp.asarray(self.relax.step_size, dtype)
+        elif self.relax.step_mode == "network":
+            params["step_head"] = self.step_head.init(key, batch, jnp.zeros_like(batch.positions))
+
+    def init_state(self, params: Params, key: Array) -> TrainState:
+        return TrainState(params, make_optimizer(self.optim).init(params), jnp.zeros((), jnp.int32), key)
+
+    def step_size(self, params: Params) -> Optional[Array]:
+        """The current scalar step size (fixed or learned); None for the network head."""
+        if self.relax.step_mode == "learned":
+            return params["step_size"]
+        if self.relax.step_mode == "fixed":
+            return jnp.asarray(self.relax.step_size)
+        return None
+
+    # -- relaxation ---------------------------------------------------------------------------------
+
+    def forces(self, params: Params, batch: Batch, key: Optional[Array] = None) -> Array:
+        """Model forces (B, N, 3) at ``batch.positions`` (dropout only when ``key`` is given)."""
+        if key is None:
+            return self.model.apply(params["model"], batch)
+        return self.model.apply(params["model"], batch, deterministic=False, rngs={"dropout": key})
+
+    def rollout(self, params: Params, batch: Batch, key: Optional[Array] = None, *, mode: str = "scan",
+                record: bool = False) -> RolloutResult:
+        """Relax ``batch`` with the model (traceable; differentiable in scan mode)."""
+        use_dropout = self.relax.dropout
+
+        def force_fn(R, k):
+            return self.forces(params, batch.replace(positions=R), k if use_dropout else None)
+
+        step_size = None
+        if self.relax.step_mode == "learned":
+            step_size = params["step_size"]
+        elif self.relax.step_mode == "network":
+            def step_size(R, F, k):  # noqa: E306
+                b = batch.replace(positions=R)
+                if use_dropout:
+                    return self.step_head.apply(params["step_head"], b, F, deterministic=False,
+                                                rngs={"dropout": k})
+                return self.step_head.apply(params["step_head"], b, F)
+
+        rule = relax_lib.make_rule(self.relax, force_fn, batch.free_mask, step_size)
+        return relax_lib.run(self.relax, rule, batch.positions, batch.free_mask, key=key, mode=mode,
+                             record=record)
+
+    def _relax_batch(self, params: Params, batch: Batch, key: Optional[Array] = None, *, mode: str = "while",
+                     record: bool = False) -> RolloutResult:
+        return self.rollout(params, batch, key, mode=mode, record=record)
+
+    # -- loss and training --------------------------------------------------------------------------
+
+    def loss(self, params: Params, batch: Batch, key: Optional[Array] = None,
+             ref_params: Optional[Params] = None) -> tuple[Array, dict[str, Array]]:
+        """Mean structural loss of the relaxed batch (+ proximal term) and per-structure diagnostics."""
+        result = self.rollout(params, batch, key, mode="scan")
+        per_structure = structure_loss(self.optim.loss, result.positions, batch)
+        smask = batch.structure_mask
+        loss = masked_mean(per_structure, smask)
+        total = loss
+        if self.optim.prox_weight and ref_params is not None:
+            total = total + self.optim.prox_weight * proximal_term(params, ref_params)
+        aux = {"loss": loss, "per_structure": per_structure, "frames": result.frames,
+               "converged": result.converged, "diverged": result.diverged}
+        return total, aux
+
+    def _train_step(self, state: TrainState, batch: Batch,
+                    ref_params: Optional[Params] = None) -> tuple[TrainState, dict[str, Array]]:
+        rng, key = jax.random.split(state.rng)
+        (total, aux), grads = jax.value_and_grad(self.loss, has_aux=True)(state.params, batch, key, ref_params)
+        updates, opt_state = make_optimizer(self.optim).update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        smask = batch.structure_mask
+        metrics = {
+            "total": total,
+            "loss": aux["loss"],
+            "grad_norm": optax.global_norm(grads),
+            "frames": masked_mean(aux["frames"].astype(total.dtype), smask),
+            "diverged": jnp.sum(aux["diverged"] & smask),
+            "converged": jnp.sum(aux["converged"] & smask),
+        }
+        if self.relax.step_mode == "learned":
+            metrics["step_size"] = params["step_size"]
+        return TrainState(params, opt_state, state.step + 1, rng), metrics
+
+    def _evaluate(self, params: Params, batch: Batch) -> dict[str, Array]:
+        """Inference relaxation (early exit) and per-structure loss; no gradients."""
+        result = self.rollout(params, batch, None, mode="while")
+        return {"per_structure": structure_loss(self.optim.loss, result.positions, batch),
+                "frames": result.frames, "converged": result.converged, "diverged": result.diverged,
+                "positions": result.positions}
+
+
+def count_params(tree: Any) -> int:
+    """Number of scalars in a parameter pytree."""
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
+

@@ -1,0 +1,57 @@
+"""ResMLP (paper App. A.2, Eq. 10): a residual MLP over the whole flattened, padded structure.
+
+``t_i = σ(W_i h_{i-1} + b_i)``, ``h_i = LN(P_i t_i + t_i)`` for ``n_blocks`` blocks, ``y = W h_last``
+reshaped to ``max_atoms × 3`` forces. The input is every atom's features, zero for padding atoms, padded to
+a fixed ``max_atoms`` (paper: 220), so the output for real atoms does not depend on padding.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bptt_jax.models.layers import AtomFeaturizer, activation
+from bptt_jax.structures import Batch
+
+Array = jax.Array
+
+
+class ResMLP(nn.Module):
+    """Residual MLP force model.
+
+    Attributes:
+      max_atoms: fixed input size in atoms (paper: 220); batches may be padded to at most this many.
+      width: nodes per layer (paper: 4096). n_blocks: residual blocks (paper: 6).
+      species: species input (default the fixed elemental descriptors; see :class:`AtomFeaturizer`).
+    """
+
+    max_atoms: int = 220
+    width: int = 4096
+    n_blocks: int = 6
+    act: str = "gelu"
+    dropout: float = 0.0
+    coords: str = "cartesian"
+    species: str = "descriptors"
+    species_dim: int = 8
+    coord_scale: float = 0.1
+    fixed_flag: bool = True
+
+    @nn.compact
+    def __call__(self, batch: Batch, deterministic: bool = True) -> Array:
+        """Forces (B, N, 3) in eV/Å at ``batch.positions``; zero on padding atoms."""
+        b, n = batch.atom_mask.shape
+        if n > self.max_atoms:
+            raise ValueError(f"ResMLP takes at most max_atoms={self.max_atoms} atoms; batch is padded to {n}")
+        feats = AtomFeaturizer(self.coords, self.species, self.species_dim, self.coord_scale,
+                               self.fixed_flag, name="features")(
+            batch.positions, batch.numbers, batch.cell, batch.pbc, batch.fixed_mask)
+        feats = feats * batch.atom_mask[..., None]
+        feats = jnp.pad(feats, ((0, 0), (0, self.max_atoms - n), (0, 0)))
+        h = feats.reshape(b, -1)
+        for i in range(self.n_blocks):
+            t = activation(self.act)(nn.Dense(self.width, name=f"W_{i}")(h))
+            t = nn.Dropout(self.dropout, deterministic=deterministic)(t)
+            h = nn.LayerNorm(name=f"ln_{i}")(nn.Dense(self.width, use_bias=False, name=f"P_{i}")(t) + t)
+        y = nn.Dense(self.max_atoms * 3, use_bias=False, name="out")(h).reshape(b, self.max_atoms, 3)
+        return y[:, :n] * batch.atom_mask[..., None]
