@@ -193,7 +193,7 @@ class BPTT:
         metrics = {
             "total": total,
             "loss": aux["loss"],
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "frames": masked_mean(aux["frames"].astype(total.dtype), smask),
             "diverged": jnp.sum(aux["diverged"] & smask),
             "converged": jnp.sum(aux["converged"] & smask),

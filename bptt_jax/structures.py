@@ -264,13 +264,29 @@ class Batch:
 _SHIFTS = np.array([[i, j, k] for i in (-1, 0, 1) for j in (-1, 0, 1) for k in (-1, 0, 1)], np.float64)
 
 
-def minimum_image(dR: Array, cell: Array, pbc: Array) -> Array:
-    """Shortest periodic image of displacement vectors, for general (triclinic) cells.
+def periodic_frame(cell: Array, pbc: Array) -> Array:
+    """The cell with each non-periodic lattice vector replaced by its part orthogonal to the periodic ones.
 
-    The displacement is first wrapped to fractional coordinates in [-0.5, 0.5) along periodic axes, then
-    the shortest of its 27 neighbouring images is taken; for skewed cells plain rounding of fractional
+    Along periodic axes nothing changes; along non-periodic axes nothing wraps, so only the direction
+    matters, and making it orthogonal decouples the periodic search from the out-of-plane component
+    (a slab with a tilted c vector would otherwise be wrapped to a non-shortest in-plane image).
+    """
+    periodic_rows = jnp.where(pbc[..., :, None], cell, 0.0)
+    gram = jnp.einsum("...ik,...jk->...ij", periodic_rows, periodic_rows)
+    # Projector onto the span of the periodic rows: A^T (A A^T)^+ A.
+    proj = jnp.einsum("...ki,...kl,...lj->...ij", periodic_rows, jnp.linalg.pinv(gram, hermitian=True),
+                      periodic_rows)
+    orth = cell - jnp.einsum("...ij,...jk->...ik", cell, proj)
+    return jnp.where(pbc[..., :, None], cell, orth)
+
+
+def minimum_image(dR: Array, cell: Array, pbc: Array) -> Array:
+    """Shortest periodic image of displacement vectors, for general (triclinic) cells and mixed pbc.
+
+    The displacement is wrapped to fractional coordinates in [-0.5, 0.5] along periodic axes, then the
+    shortest of its 27 neighbouring images is taken: for skewed cells plain rounding of fractional
     coordinates is not the minimum image, the neighbour search is (for cells that are not pathologically
-    skewed, e.g. Niggli-reduced ones).
+    skewed, e.g. Niggli-reduced ones). Non-periodic axes never wrap.
 
     Args:
       dR: (..., N, 3) displacements, Å.
@@ -280,13 +296,13 @@ def minimum_image(dR: Array, cell: Array, pbc: Array) -> Array:
     Returns:
       (..., N, 3) minimum-image displacements, Å.
     """
-    inv = jnp.linalg.inv(cell)
-    frac = jnp.einsum("...ni,...ij->...nj", dR, inv)
+    frame = jax.lax.stop_gradient(periodic_frame(cell, pbc))
+    frac = jnp.einsum("...ni,...ij->...nj", dR, jnp.linalg.inv(frame))
     periodic = pbc[..., None, :]
-    frac = frac - jnp.where(periodic, jnp.round(frac), 0.0)
+    frac = frac - jnp.where(periodic, jnp.round(jax.lax.stop_gradient(frac)), 0.0)
     shifts = jnp.asarray(_SHIFTS, frac.dtype)  # (27, 3)
     cand = frac[..., None, :] + jnp.where(periodic[..., None, :], shifts, 0.0)  # (..., N, 27, 3)
-    cart = jnp.einsum("...nsi,...ij->...nsj", cand, cell)
+    cart = jnp.einsum("...nsi,...ij->...nsj", cand, frame)
     best = jnp.argmin(jnp.sum(jax.lax.stop_gradient(cart) ** 2, axis=-1), axis=-1)  # (..., N)
     return jnp.take_along_axis(cart, best[..., None, None], axis=-2)[..., 0, :]
 

@@ -1,0 +1,140 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bptt_jax.bptt import BPTT, OptimConfig, proximal_term
+from bptt_jax.models import ADAPT, build_model
+from bptt_jax.relax import RelaxConfig
+from bptt_jax.structures import Batch
+from conftest import rattled_si
+
+KEY = jax.random.PRNGKey(0)
+
+
+def _batch(pairs, **kw):
+    return Batch.from_structures([s for s, _ in pairs], [t for _, t in pairs], **kw)
+
+
+def _to64(tree):
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), tree)
+
+
+def _leaf(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _set_leaf(tree, path, index, value):
+    tree = jax.tree_util.tree_map(lambda x: x, tree)  # copy the containers
+    parent = _leaf(tree, path[:-1])
+    parent[path[-1]] = parent[path[-1]].at[index].set(value)
+    return tree
+
+
+@pytest.mark.parametrize("tol", [0.0, "adaptive"])
+def test_rollout_gradient_matches_float64_finite_differences(si_pairs, tol):
+    with jax.enable_x64(True):
+        batch = _batch(si_pairs, batch_size=4)
+        model = ADAPT(d_model=8, n_layers=1, n_heads=2, ffn_dim=8, species_dim=4)
+        if tol == "adaptive":
+            # A tolerance that stops some structures early, so the masked stop is part of the check.
+            probe = BPTT(model, RelaxConfig(step_size=0.02, step_mode="learned", max_frames=12, tol=0.0))
+            params = _to64(probe.init_params(KEY, batch))
+            traj = probe.rollout(params, batch, record=True).trajectory
+            moves = np.sqrt(np.mean(np.sum(np.diff(np.asarray(traj), axis=0) ** 2, -1), -1))  # (T-1, B)
+            tol = float(moves[:, 1].min()) * 1.001  # structure 1 (no padding) stops where it moves least
+        bptt = BPTT(model, RelaxConfig(step_size=0.02, step_mode="learned", max_frames=12, tol=tol))
+        params = _to64(bptt.init_params(KEY, batch))
+        loss_aux = jax.jit(lambda p: bptt.loss(p, batch))
+        grads = jax.jit(jax.grad(lambda p: bptt.loss(p, batch)[0]))(params)
+        frames = np.asarray(loss_aux(params)[1]["frames"])
+        if tol:
+            assert frames[:3].min() < 12, frames
+        checks = [
+            (("step_size",), ()),
+            (("model", "params", "embed", "dense_0", "kernel"), (0, 1)),
+            (("model", "params", "encoder_0", "attn", "query", "kernel"), (2, 1, 0)),
+            (("model", "params", "encoder_0", "ffn", "dense_1", "kernel"), (3, 5)),
+            (("model", "params", "proj", "bias"), (2,)),
+        ]
+        eps = 1e-6
+        for path, index in checks:
+            x = float(_leaf(params, path)[index])
+            up, aux_up = loss_aux(_set_leaf(params, path, index, x + eps))
+            down, aux_down = loss_aux(_set_leaf(params, path, index, x - eps))
+            # The stop decisions did not change under the perturbation (so the difference is valid).
+            np.testing.assert_array_equal(np.asarray(aux_up["frames"]), frames)
+            np.testing.assert_array_equal(np.asarray(aux_down["frames"]), frames)
+            fd = float(up - down) / (2 * eps)
+            ad = float(_leaf(grads, path)[index])
+            assert ad == pytest.approx(fd, rel=1e-5, abs=1e-8), (path, ad, fd)
+
+
+def test_train_step_does_not_recompile_within_a_bucket(si_pairs):
+    bptt = BPTT(build_model("adapt", "tiny"), RelaxConfig(step_size=0.05, max_frames=5))
+    batch_a = _batch(si_pairs, batch_size=4)
+    others = [rattled_si(seed=10), rattled_si(cubic=True, seed=11, drop=3), rattled_si(seed=12)]
+    batch_b = _batch(others, batch_size=4)
+    assert batch_a.positions.shape == batch_b.positions.shape
+    state = bptt.init_state(bptt.init_params(KEY, batch_a), KEY)
+    state, _ = bptt.train_step(state, batch_a)
+    state, _ = bptt.train_step(state, batch_b)
+    state, _ = bptt.train_step(state, batch_a)
+    assert bptt.train_step._cache_size() == 1
+    assert int(state.step) == 3
+
+
+def test_a_few_steps_reduce_the_loss(si_pairs):
+    batch = _batch(si_pairs, batch_size=4)
+    bptt = BPTT(build_model("adapt", "tiny"), RelaxConfig(step_size=0.05, step_mode="learned", max_frames=15),
+                OptimConfig(learning_rate=3e-3, clip_norm=10.0))
+    state = bptt.init_state(bptt.init_params(KEY, batch), KEY)
+    losses = []
+    for _ in range(25):
+        state, metrics = bptt.train_step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert np.all(np.isfinite(losses))
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert float(metrics["step_size"]) != pytest.approx(0.05)  # the step size is trained too
+
+
+def test_proximal_term_anchors_parameters(si_pairs):
+    batch = _batch(si_pairs)
+    distances = {}
+    for weight in (0.0, 100.0):
+        bptt = BPTT(build_model("adapt", "tiny"), RelaxConfig(step_size=0.05, max_frames=5),
+                    OptimConfig(learning_rate=1e-2, prox_weight=weight))
+        ref = bptt.init_params(KEY, batch)
+        state = bptt.init_state(ref, KEY)
+        for _ in range(10):
+            state, metrics = bptt.train_step(state, batch, ref)
+        distances[weight] = float(proximal_term(state.params, ref))
+        if weight:
+            assert float(metrics["total"]) > float(metrics["loss"])
+    assert distances[100.0] < 0.5 * distances[0.0]
+
+
+def test_network_step_head_trains(si_pairs):
+    batch = _batch(si_pairs)
+    bptt = BPTT(build_model("adapt", "tiny"), RelaxConfig(step_size=0.05, step_mode="network", max_frames=5),
+                OptimConfig(learning_rate=1e-3))
+    params = bptt.init_params(KEY, batch)
+    grads = jax.grad(lambda p: bptt.loss(p, batch)[0])(params)
+    assert float(jnp.abs(grads["step_head"]["params"]["out"]["kernel"]).sum()) > 0
+    # With the constant-output init the head reproduces the fixed-step rollout exactly.
+    fixed = BPTT(bptt.model, RelaxConfig(step_size=0.05, max_frames=5))
+    a = bptt.rollout(params, batch).positions
+    b = fixed.rollout({"model": params["model"]}, batch).positions
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+def test_evaluate_and_relax_batch(si_pairs):
+    batch = _batch(si_pairs, batch_size=4)
+    bptt = BPTT(build_model("adapt", "tiny"), RelaxConfig(step_size=0.05, max_frames=10, tol=1e-2))
+    params = bptt.init_params(KEY, batch)
+    out = bptt.evaluate(params, batch)
+    res = bptt.relax_batch(params, batch)
+    np.testing.assert_array_equal(np.asarray(out["frames"]), np.asarray(res.frames))
+    assert out["per_structure"].shape == (4,) and float(out["per_structure"][3]) == 0.0
