@@ -1,0 +1,8 @@
+"""Data: the :class:`Trajectory` record, readers for real formats, offline generators, splits.
+
+``python -m bptt_jax.data generate NAME --out DIR`` and ``python -m bptt_jax.data inspect PATH``.
+"""
+
+from bptt_jax.data.trajectory import DataError, SkipLog, Trajectory, filter_usable, split, unusable_reason
+
+__all__ = ["DataError", "SkipLog", "Trajectory", "filter_usable", "split", "unusable_reason"]
