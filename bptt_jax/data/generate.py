@@ -362,17 +362,13 @@ _BUILDERS: dict[str, Callable] = {"si_defects": build_si_defect, "catalysts": bu
                                   "pure_crystals": build_crystal}
 _OPTIMIZER = {"si_defects": "FIRE", "catalysts": None, "pure_crystals": "FIRE"}
 
-_worker_calc: dict[tuple, Any] = {}
-
-
 def generate_one(name: str, params, seed: int, index: int, out_dir: str, oracle: Optional[str] = None) -> dict:
     """Build, relax and write trajectory ``index``; returns a small record for the manifest."""
     rng = np.random.default_rng([seed, index])
     atoms, info = _BUILDERS[name](params, rng)
-    key = (name, params, oracle)
-    if key not in _worker_calc:  # one calculator per worker process (JAX potentials compile once)
-        _worker_calc[key] = _calculator(name, params, oracle)
-    atoms.calc = _worker_calc[key]
+    # A fresh calculator per trajectory: its neighbour-list padding then depends on this structure only,
+    # so results are bitwise the same whatever ran before in this worker (compiled code is shared).
+    atoms.calc = _calculator(name, params, oracle)
     optimizer = _OPTIMIZER[name] or params.optimizer
     frames = relax_and_record(atoms, params.fmax, params.max_steps, optimizer)
     traj_id = f"{name}_{index:05d}"
