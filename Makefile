@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 run: $(STAMP)
-	$(PY) examples/quickstart.py
+	$(PY) -m bptt_jax.train
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -345,6 +345,7 @@ def pretrain(model, params, frames: list[Structure], cfg: PretrainConfig, bucket
 def _ckpt_manager(path: Path, max_to_keep: Optional[int] = None):
     import orbax.checkpoint as ocp
 
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it renames at INFO
     return ocp.CheckpointManager(path.absolute(), options=ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, enable_async_checkpointing=False))
 

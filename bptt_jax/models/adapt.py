@@ -3,13 +3,29 @@
 ``MLIP = proj ∘ enc^n ∘ emb``: per-atom features → 3-layer embedding MLP → ``n_layers`` post-LN encoder
 blocks with a key-padding mask → linear projection to three force components (eV/Å). There is no
 positional encoding, so permuting atoms permutes the forces, and padding atoms never influence real ones.
+
+Geometry-aware options (all off by default, which is the paper's model):
+
+- ``coords="none"``: no absolute coordinates in the input (rotation/translation-invariant atom features);
+- ``radial_channels > 0``: a species-resolved radial density of each atom's neighbourhood is appended to
+  the input features (:class:`~bptt_jax.models.geometry.RadialDescriptor`);
+- ``attn_bias="rbf"``: per-head attention bias from radial basis functions of minimum-image pair distances
+  with a smooth cutoff (:class:`~bptt_jax.models.geometry.GeometricEncoderBlock`);
+- ``force_head="vector"`` (or ``"both"``): forces ``F_i = Σ_j w_ij (r_j − r_i)`` from pair weights
+  (:class:`~bptt_jax.models.geometry.VectorForceHead`), rotation-equivariant, translation-invariant and
+  periodic; ``"both"`` adds the paper's linear projection.
+
+With ``coords="none"``, ``radial_channels > 0``, ``attn_bias="rbf"`` and ``force_head="vector"`` the model
+is permutation-, translation-, rotation- and periodic-image-equivariant (preset ``"small_geo"``).
 """
 
 from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
+from bptt_jax.models.geometry import GeometricEncoderBlock, RadialDescriptor, VectorForceHead, pair_geometry
 from bptt_jax.models.layers import MLP, AtomFeaturizer, EncoderBlock
 from bptt_jax.structures import Batch
 
@@ -23,7 +39,14 @@ class ADAPT(nn.Module):
       d_model: width of the encoder. n_layers, n_heads, ffn_dim: encoder depth, heads, FFN width.
       dropout: dropout rate, active only when ``deterministic=False`` (off inside rollouts by default).
       act: activation of the embedding MLP and FFNs.
-      coords, species, species_dim, coord_scale, fixed_flag: see :class:`AtomFeaturizer`.
+      coords, species, species_dim, coord_scale, fixed_flag: see :class:`AtomFeaturizer` (``coords`` may
+        also be ``"none"``).
+      attn_bias: ``"none"`` (paper) or ``"rbf"`` (distance-biased attention).
+      force_head: ``"linear"`` (paper), ``"vector"`` or ``"both"``.
+      radial_channels: species channels of the radial descriptor input (0 = off).
+      cutoff: smooth cutoff radius of all pair terms, Å. n_rbf: radial basis functions.
+      head_hidden: hidden width of the vector head's pair MLP.
+      force_scale: multiplies the output forces (eV/Å per unit of network output); a target-scale prior.
     """
 
     d_model: int = 256
@@ -37,17 +60,43 @@ class ADAPT(nn.Module):
     species_dim: int = 16
     coord_scale: float = 0.1
     fixed_flag: bool = True
+    attn_bias: str = "none"
+    force_head: str = "linear"
+    radial_channels: int = 0
+    cutoff: float = 5.0
+    n_rbf: int = 16
+    head_hidden: int = 32
+    force_scale: float = 1.0
 
     @nn.compact
     def __call__(self, batch: Batch, deterministic: bool = True) -> Array:
-        """Forces (B, N, 3) in eV/Å at ``batch.positions``; zero on padding atoms."""
+        """Forces (B, N, 3) in eV/Å at ``batch.positions`` (Å); zero on padding atoms."""
+        if self.attn_bias not in ("none", "rbf"):
+            raise ValueError(f"unknown attn_bias {self.attn_bias!r}; expected none or rbf")
+        if self.force_head not in ("linear", "vector", "both"):
+            raise ValueError(f"unknown force_head {self.force_head!r}; expected linear, vector or both")
+        needs_geometry = self.attn_bias != "none" or self.force_head != "linear" or self.radial_channels > 0
+        geom = None
+        if needs_geometry:
+            geom = pair_geometry(batch.positions, batch.cell, batch.pbc, batch.atom_mask, self.cutoff, self.n_rbf)
         feats = AtomFeaturizer(self.coords, self.species, self.species_dim, self.coord_scale,
                                self.fixed_flag, name="features")(
             batch.positions, batch.numbers, batch.cell, batch.pbc, batch.fixed_mask)
+        if self.radial_channels > 0:
+            radial = RadialDescriptor(self.radial_channels, name="radial")(geom, batch.numbers)
+            feats = jnp.concatenate([feats, radial.astype(feats.dtype)], axis=-1)
         x = MLP((self.d_model, self.d_model, self.d_model), act=self.act, name="embed")(feats)
         mask = nn.make_attention_mask(batch.atom_mask, batch.atom_mask)
         for i in range(self.n_layers):
-            x = EncoderBlock(self.d_model, self.n_heads, self.ffn_dim, self.dropout, self.act,
-                             name=f"encoder_{i}")(x, mask, deterministic)
-        forces = nn.Dense(3, name="proj")(x)
-        return forces * batch.atom_mask[..., None]
+            if self.attn_bias == "rbf":
+                x = GeometricEncoderBlock(self.d_model, self.n_heads, self.ffn_dim, self.dropout, self.act,
+                                          name=f"encoder_{i}")(x, geom, mask, deterministic)
+            else:
+                x = EncoderBlock(self.d_model, self.n_heads, self.ffn_dim, self.dropout, self.act,
+                                 name=f"encoder_{i}")(x, mask, deterministic)
+        forces = 0.0
+        if self.force_head in ("linear", "both"):
+            forces = nn.Dense(3, name="proj")(x)
+        if self.force_head in ("vector", "both"):
+            forces = forces + VectorForceHead(self.head_hidden, name="vector_head")(x, geom)
+        return self.force_scale * forces * batch.atom_mask[..., None]

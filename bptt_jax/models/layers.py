@@ -34,7 +34,7 @@ class AtomFeaturizer(nn.Module):
     Attributes:
       coords: ``"cartesian"`` (the paper's points in space, scaled by ``coord_scale``), ``"periodic"``
         (sin/cos of 2π·fractional coordinates along periodic axes, so periodic images look alike), or
-        ``"both"``.
+        ``"both"``, or ``"none"`` (no coordinates: invariant features for geometry-aware models).
       species: ``"embedding"`` (learned, ``species_dim`` wide), ``"descriptors"`` (fixed elemental
         descriptors, see :mod:`bptt_jax.elements`) or ``"both"``.
       coord_scale: multiplies Cartesian coordinates (Å⁻¹), keeping first-layer inputs O(1).
@@ -59,8 +59,8 @@ class AtomFeaturizer(nn.Module):
             periodic = pbc[:, None, :]
             parts.append(jnp.where(periodic, jnp.sin(angle), 0.0))
             parts.append(jnp.where(periodic, jnp.cos(angle), 0.0))
-        if self.coords not in ("cartesian", "periodic", "both"):
-            raise ValueError(f"unknown coords {self.coords!r}; expected cartesian, periodic or both")
+        if self.coords not in ("cartesian", "periodic", "both", "none"):
+            raise ValueError(f"unknown coords {self.coords!r}; expected cartesian, periodic, both or none")
         if self.species in ("embedding", "both"):
             parts.append(nn.Embed(N_ELEMENTS, self.species_dim, name="species_embedding")(numbers))
         if self.species in ("descriptors", "both"):

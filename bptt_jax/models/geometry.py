@@ -1,0 +1,175 @@
+"""Geometry-aware pieces for ADAPT: pairwise minimum-image geometry, radial basis functions with a smooth
+cutoff, a per-atom radial descriptor, distance-biased attention and an equivariant vector force head.
+
+Everything stays graph-free: pairs are dense ``(B, N, N)`` tensors over the padded atoms, masked by
+``atom_mask`` and ``i ≠ j``. Distances use :func:`~bptt_jax.structures.safe_norm`, so gradients with respect
+to positions are finite even where two (padding) atoms coincide, and everything is differentiable with
+respect to positions (BPTT differentiates the forces through the rollout).
+
+Units: positions, displacements, distances and cutoffs in Å; forces in eV/Å.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bptt_jax.models.layers import MLP, activation
+from bptt_jax.structures import _SHIFTS, periodic_frame, safe_norm
+
+Array = jax.Array
+
+
+class PairGeometry(NamedTuple):
+    """Dense pairwise geometry of a padded batch.
+
+    Attributes:
+      vec: (B, N, N, 3) minimum-image displacement ``r_j - r_i``, Å (row i, column j).
+      dist: (B, N, N) its length, Å (0 on the diagonal and wherever atoms coincide).
+      mask: (B, N, N) bool, real pairs: both atoms real and ``i ≠ j``.
+      cut: (B, N, N) smooth cutoff weight in [0, 1], 0 beyond ``cutoff`` and on masked pairs.
+      rbf: (B, N, N, K) radial basis functions times ``cut`` (0 on masked pairs).
+    """
+
+    vec: Array
+    dist: Array
+    mask: Array
+    cut: Array
+    rbf: Array
+
+
+def cosine_cutoff(dist: Array, cutoff: float) -> Array:
+    """``0.5 (cos(π d / r_c) + 1)`` for ``d < r_c``, else 0: smooth (C¹) and 1 at d = 0. dist in Å."""
+    x = jnp.clip(dist / cutoff, 0.0, 1.0)
+    return 0.5 * (jnp.cos(jnp.pi * x) + 1.0)
+
+
+def gaussian_rbf(dist: Array, n_rbf: int, cutoff: float) -> Array:
+    """(…, K) Gaussians ``exp(-(d - μ_k)² / (2σ²))`` with K centres evenly spaced on [0, r_c] and σ the
+    spacing. dist in Å."""
+    mu = jnp.linspace(0.0, cutoff, n_rbf, dtype=dist.dtype)
+    sigma = cutoff / max(n_rbf - 1, 1)
+    return jnp.exp(-0.5 * ((dist[..., None] - mu) / sigma) ** 2)
+
+
+def pair_displacements(positions: Array, cell: Array, pbc: Array) -> Array:
+    """(B, N, N, 3) minimum-image displacements ``r_j − r_i``, Å, for (B, N, 3) positions in (B, 3, 3) cells.
+
+    The same convention as :func:`bptt_jax.structures.minimum_image` (wrap fractional coordinates along
+    periodic axes, then the shortest of the 27 neighbouring images; triclinic cells and mixed pbc), laid out
+    for all pairs at once: fractional coordinates are computed per atom, and the image search uses
+    ``|c + s|² − |c|² = 2 c·s + |s|²`` as one contraction. The lattice translation is a ``stop_gradient``
+    constant, so the derivative with respect to positions is exactly that of ``r_j − r_i``.
+    """
+    dR = positions[..., None, :, :] - positions[..., :, None, :]
+    frame = jax.lax.stop_gradient(periodic_frame(cell, pbc))  # (B, 3, 3)
+    r = jax.lax.stop_gradient(positions)
+    frac = jnp.einsum("bni,bij->bnj", r, jnp.linalg.inv(frame))
+    df = frac[:, None, :, :] - frac[:, :, None, :]  # (B, N, N, 3)
+    df = df - jnp.where(pbc[:, None, None, :], jnp.round(df), 0.0)
+    wrapped = jnp.einsum("bnmi,bij->bnmj", df, frame)
+    shifts = jnp.where(pbc[:, None, :], jnp.asarray(_SHIFTS, positions.dtype), 0.0)  # (B, 27, 3)
+    shift_cart = jnp.einsum("bsi,bij->bsj", shifts, frame)
+    score = 2 * jnp.einsum("bnmj,bsj->bnms", wrapped, shift_cart) + jnp.sum(shift_cart ** 2, -1)[:, None, None]
+    best = jax.nn.one_hot(jnp.argmin(score, axis=-1), shifts.shape[-2], dtype=positions.dtype)
+    image = wrapped + jnp.einsum("bnms,bsj->bnmj", best, shift_cart)
+    return dR + jax.lax.stop_gradient(image - dR)
+
+
+def pair_geometry(positions: Array, cell: Array, pbc: Array, atom_mask: Array, cutoff: float,
+                  n_rbf: int) -> PairGeometry:
+    """Pairwise minimum-image geometry.
+
+    Args:
+      positions: (B, N, 3) Å. cell: (B, 3, 3) Å. pbc: (B, 3). atom_mask: (B, N) real atoms.
+      cutoff: radius of the smooth cutoff, Å (should not exceed half the shortest periodic cell width,
+        so that the minimum image is the only image inside the cutoff).
+      n_rbf: number of radial basis functions K.
+    """
+    n = positions.shape[-2]
+    vec = pair_displacements(positions, cell, pbc)  # (B, N, N, 3): r_j - r_i
+    eye = jnp.eye(n, dtype=bool)
+    mask = atom_mask[..., :, None] & atom_mask[..., None, :] & ~eye
+    # Masked pairs get zero displacement: no gradient leaks through padding or the diagonal.
+    vec = jnp.where(mask[..., None], vec, 0.0)
+    dist = safe_norm(vec, axis=-1)
+    cut = jnp.where(mask, cosine_cutoff(dist, cutoff), 0.0)
+    rbf = gaussian_rbf(dist, n_rbf, cutoff) * cut[..., None]
+    return PairGeometry(vec, dist, mask, cut, rbf)
+
+
+class RadialDescriptor(nn.Module):
+    """Per-atom, species-resolved radial density: ``g_i[k, c] = Σ_j rbf_k(d_ij) · e_c(Z_j)`` with a learned
+    ``n_channels``-wide species embedding ``e``; rotation, translation, permutation and periodic-image
+    invariant. Returns (B, N, K · n_channels), scaled by ``1 / avg_neighbors``."""
+
+    n_channels: int = 4
+    avg_neighbors: float = 10.0
+
+    @nn.compact
+    def __call__(self, geom: PairGeometry, numbers: Array) -> Array:
+        from bptt_jax.elements import N_ELEMENTS
+
+        e = nn.Embed(N_ELEMENTS, self.n_channels, embedding_init=nn.initializers.normal(1.0),
+                     name="neighbor_species")(numbers)  # (B, N, C)
+        g = jnp.einsum("bijk,bjc->bikc", geom.rbf, e.astype(geom.rbf.dtype)) / self.avg_neighbors
+        return g.reshape(g.shape[:-2] + (-1,))
+
+
+class GeometricEncoderBlock(nn.Module):
+    """The post-LN encoder block of :class:`~bptt_jax.models.layers.EncoderBlock` whose attention logits get
+    a per-head additive bias from the pair's radial basis functions::
+
+        logits_hij = q_hi · k_hj / √d_h + Σ_k W_hk rbf_k(d_ij)          (rbf already includes the cutoff)
+
+    Dense attention over all real atoms (key-padding mask), no graph.
+    """
+
+    d_model: int
+    n_heads: int
+    ffn_dim: int
+    dropout: float = 0.0
+    act: str = "gelu"
+
+    @nn.compact
+    def __call__(self, x: Array, geom: PairGeometry, mask: Array, deterministic: bool = True) -> Array:
+        """x: (B, N, d_model); mask: (B, 1, N, N) attention mask. Returns (B, N, d_model)."""
+        head_dim = self.d_model // self.n_heads
+        dense = lambda name: nn.DenseGeneral((self.n_heads, head_dim), name=name)  # noqa: E731
+        q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)  # (B, N, H, dh)
+        bias = nn.Dense(self.n_heads, name="distance_bias")(geom.rbf)  # (B, N, N, H)
+        bias = jnp.moveaxis(bias, -1, -3)  # (B, H, N, N)
+        attn = nn.dot_product_attention(q, k, v, bias=bias, mask=mask, dropout_rate=self.dropout,
+                                        deterministic=deterministic,
+                                        dropout_rng=None if deterministic else self.make_rng("dropout"))
+        attn = nn.DenseGeneral(self.d_model, axis=(-2, -1), name="out")(attn)
+        attn = nn.Dropout(self.dropout, deterministic=deterministic)(attn)
+        h1 = nn.LayerNorm(name="ln_attn")(x + attn)
+        h2 = MLP((self.ffn_dim, self.d_model), act=self.act, name="ffn")(nn.LayerNorm(name="ln_ffn_in")(h1))
+        h2 = nn.Dropout(self.dropout, deterministic=deterministic)(h2)
+        return nn.LayerNorm(name="ln_out")(h2 + h1)
+
+
+class VectorForceHead(nn.Module):
+    """Equivariant force head: ``F_i = Σ_j w_ij · (r_j − r_i)`` over minimum-image displacements with::
+
+        w_ij = cut(d_ij) · Dense_1(σ(A h_i + B h_j + C rbf(d_ij)))
+
+    For rotation-invariant atom features ``h`` the forces rotate with the structure; they are translation
+    invariant, periodic and permutation equivariant, and vanish beyond the cutoff. Returns (B, N, 3) eV/Å.
+    """
+
+    hidden: int = 32
+    act: str = "silu"
+
+    @nn.compact
+    def __call__(self, h: Array, geom: PairGeometry) -> Array:
+        a = nn.Dense(self.hidden, name="center")(h)  # (B, N, P)
+        b = nn.Dense(self.hidden, use_bias=False, name="neighbor")(h)
+        c = nn.Dense(self.hidden, use_bias=False, name="radial")(geom.rbf)  # (B, N, N, P)
+        z = activation(self.act)(a[..., :, None, :] + b[..., None, :, :] + c)
+        w = nn.Dense(1, name="weight")(z)[..., 0] * geom.cut  # (B, N, N)
+        return jnp.einsum("bij,bijx->bix", w, geom.vec)

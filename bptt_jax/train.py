@@ -1,0 +1,101 @@
+"""``python -m bptt_jax.train``: the staged pipeline under Hydra (configuration in ``conf/``).
+
+    python -m bptt_jax.train                                   # embedded default: Si defects, small ADAPT
+    python -m bptt_jax.train +dataset=catalysts model=resmlp
+    python -m bptt_jax.train dataset.path=my_trajs/ dataset.name=mine
+    python -m bptt_jax.train -m relax.step_size=0.01,0.05,0.077,0.1      # sweep; writes a summary table
+    python -m bptt_jax.train hydra.run.dir=runs/X train.resume=true      # continue an interrupted run
+
+This module only turns the config into typed arguments; the work is :func:`bptt_jax.pipeline.run_pipeline`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from bptt_jax.pipeline import (DataConfig, EvalConfig, FinetuneConfig, ModelConfig, PretrainConfig, RunConfig,
+                               markdown_table, run_pipeline)
+from bptt_jax.relax import RelaxConfig
+
+log = logging.getLogger("bptt_jax")
+
+
+def config_from_hydra(cfg: DictConfig, run_dir: str) -> RunConfig:
+    """Typed pipeline configuration from the composed Hydra config."""
+    c: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
+    data = dict(c["dataset"])
+    data["generator"] = dict(data.get("generator") or {})
+    relax = dict(c["relax"])
+    bptt_step = relax.pop("step_size")
+    finetune = dict(c["finetune"], step_size=bptt_step)
+    relax_cfg = RelaxConfig(**relax, max_frames=int(data["max_frames"]))
+    ev = dict(c["eval"])
+    ev["step_grid"] = tuple(float(x) for x in ev["step_grid"])
+    model = dict(c["model"])
+    model["overrides"] = dict(model.get("overrides") or {})
+    return RunConfig(data=DataConfig(**data), model=ModelConfig(**model), relax=relax_cfg,
+                     pretrain=PretrainConfig(**c["pretrain"]), finetune=FinetuneConfig(**finetune),
+                     eval=EvalConfig(**ev), seed=int(c["seed"]), run_dir=run_dir,
+                     resume=bool(c["train"]["resume"]), progress=bool(c["progress"]), plots=bool(c["plots"]))
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    run_dir = HydraConfig.get().runtime.output_dir
+    OmegaConf.save(cfg, Path(run_dir) / "config_resolved.yaml", resolve=True)
+    try:
+        results = run_pipeline(config_from_hydra(cfg, run_dir))
+    except (ValueError, OSError, RuntimeError) as err:
+        # One line, no traceback; checkpoints already written stay in the run directory.
+        log.error("%s", str(err).splitlines()[0] if str(err) else type(err).__name__)
+        sys.exit(2)
+    print()
+    print(markdown_table(results))
+    print(f"\nrun directory: {run_dir}")
+
+
+def summarize_sweep(sweep_dir: Path) -> str:
+    """Markdown table over the runs of a multirun sweep (one row per run directory with results.json)."""
+    import yaml
+
+    rows, overrides = [], []
+    for res_file in sorted(sweep_dir.glob("*/results.json"), key=lambda p: int(p.parent.name)
+                           if p.parent.name.isdigit() else p.parent.name):
+        rows.append((res_file.parent.name, json.loads(res_file.read_text())))
+        ov_file = res_file.parent / ".hydra" / "overrides.yaml"
+        overrides.append(dict(o.split("=", 1) for o in yaml.safe_load(ov_file.read_text()) if "=" in o)
+                         if ov_file.exists() else {})
+    # Name each run by the overrides that differ across the sweep.
+    swept = sorted({k for o in overrides for k in o if len({x.get(k) for x in overrides}) > 1})
+    rows = [(" ".join(f"{k}={o.get(k)}" for k in swept) or name, r) for (name, r), o in zip(rows, overrides)]
+    lines = ["| run | η initial | η final | constant step | FIRE | BPTT | reduction % |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+    for name, r in rows:
+        a = r["avg_dq"]
+        lines.append(f"| {name} | {fmt(r['step_size_initial'])} | {fmt(r['step_size_final'])} | "
+                     f"{fmt(a['constant_step'])} | {fmt(a['fire'])} | {fmt(a['bptt'])} | {fmt(r['reduction_pct'])} |")
+    return "\n".join(lines)
+
+
+class SweepSummary(Callback):
+    """Hydra callback: after a multirun, write ``summary.md`` in the sweep directory and print it."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        table = summarize_sweep(sweep_dir)
+        (sweep_dir / "summary.md").write_text(table + "\n")
+        print(f"\nsweep summary ({sweep_dir / 'summary.md'}):\n{table}")
+
+
+if __name__ == "__main__":
+    main()

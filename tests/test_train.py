@@ -1,0 +1,93 @@
+"""The Hydra entry point: config composition for every dataset and model, and a tiny real run."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from bptt_jax.train import config_from_hydra
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["dataset.preset=tiny", "dataset.n=10", "dataset.n_test=4", "dataset.max_frames=8", "model.preset=tiny",
+        "pretrain.max_epochs=2", "finetune.epochs=1", "eval.step_grid=[0.01,0.05]", "progress=false"]
+
+
+@pytest.mark.parametrize("dataset", [None, "si_defects", "catalysts", "pure_crystals"])
+@pytest.mark.parametrize("model", ["adapt", "resmlp"])
+def test_config_composes(dataset, model):
+    overrides = ([f"+dataset={dataset}"] if dataset else []) + [f"model={model}"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    run = config_from_hydra(cfg, "/tmp/x")
+    assert run.data.name == (dataset or "si_defects")
+    assert run.model.name == model
+    assert run.relax.max_frames == (200 if dataset == "catalysts" else 75)
+    assert run.data.loss == ("mse" if dataset == "pure_crystals" else "dq")
+    assert run.finetune.epochs == 5 and run.data.n_test == 100
+
+
+def _train(tmp_path, *overrides, multirun=False):
+    env = dict(os.environ, HYDRA_FULL_ERROR="0")
+    cmd = [sys.executable, "-m", "bptt_jax.train"] + (["-m"] if multirun else []) + [
+        f"dataset.cache_dir={tmp_path / 'data'}"] + TINY + list(overrides)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env)
+
+
+def _rows(run_dir):
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_tiny_end_to_end_run_and_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    r = _train(tmp_path, f"hydra.run.dir={run_dir}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| BPTT-tuned |" in r.stdout
+    res = json.loads((run_dir / "results.json").read_text())
+    for key in ("dataset", "model", "n_test", "avg_dq", "constant_step_grid", "reduction_pct", "force_l2", "adwt",
+                "diverged", "skipped", "step_size_final", "wall_s"):
+        assert key in res, key
+    assert set(res["avg_dq"]) == {"initial", "constant_step", "fire", "bptt"}
+    assert res["n_test"] == 4 and set(res["constant_step_grid"]) == {"0.01", "0.05"}
+    assert res["avg_dq"]["constant_step"] == min(res["constant_step_grid"].values())
+    assert set(res["wall_s"]) >= {"data", "pretrain", "baselines", "bptt", "evaluate"}
+    for name in ("loss_per_epoch.png", "per_structure.png", "config_resolved.yaml", "metrics.csv"):
+        assert (run_dir / name).exists(), name
+    assert (run_dir / "checkpoints" / "pretrained" / "0").is_dir()
+    assert (run_dir / "checkpoints" / "bptt" / "1").is_dir()
+    rows = _rows(run_dir)
+    assert [r["epoch"] for r in rows if r["stage"] == "bptt"] == ["1"]
+
+    # Resume with a longer budget: epoch 1 is kept, epoch 2 is added, pretraining is not repeated.
+    r = _train(tmp_path, f"hydra.run.dir={run_dir}", "train.resume=true", "finetune.epochs=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows2 = _rows(run_dir)
+    bptt_rows = [r for r in rows2 if r["stage"] == "bptt"]
+    assert [r["epoch"] for r in bptt_rows] == ["1", "2"]
+    assert bptt_rows[0] == [r for r in rows if r["stage"] == "bptt"][0]
+    assert [r for r in rows2 if r["stage"] == "pretrain"] == [r for r in rows if r["stage"] == "pretrain"]
+    assert (run_dir / "checkpoints" / "bptt" / "2").is_dir()
+
+
+def test_multirun_sweep_writes_a_summary(tmp_path):
+    sweep = tmp_path / "sweep"
+    r = _train(tmp_path, "relax.step_size=0.02,0.05", f"hydra.sweep.dir={sweep}", "eval.fire=false",
+               multirun=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = sorted(p.parent for p in sweep.glob("*/results.json"))
+    assert len(runs) == 2
+    inits = sorted(json.loads((p / "results.json").read_text())["step_size_initial"] for p in runs)
+    assert inits == [0.02, 0.05]
+    summary = (sweep / "summary.md").read_text()
+    assert summary.count("\n") == 4 and "relax.step_size=0.02" in summary
+
+
+def test_bad_dataset_path_is_one_line(tmp_path):
+    r = _train(tmp_path, f"dataset.path={tmp_path / 'missing'}", f"hydra.run.dir={tmp_path / 'r'}")
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and "missing" in (r.stderr + r.stdout)
