@@ -15,7 +15,8 @@ def test_bucket_size():
     assert bucket_size(8) == 8
     assert bucket_size(9) == 16
     assert bucket_size(64) == 64
-    assert bucket_size(65) == 96
+    assert bucket_size(65) == 72
+    assert bucket_size(97) == 112
     assert bucket_size(513) == 576
     assert bucket_size(5, buckets=(4, 10)) == 10
     assert bucket_size(5, buckets=None) == 5

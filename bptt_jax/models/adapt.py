@@ -25,9 +25,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bptt_jax.models.geometry import GeometricEncoderBlock, RadialDescriptor, VectorForceHead, pair_geometry
+from bptt_jax.models.geometry import (AngularDescriptor, GeometricEncoderBlock, RadialDescriptor, VectorForceHead,
+                                       pair_geometry)
 from bptt_jax.models.layers import MLP, AtomFeaturizer, EncoderBlock
-from bptt_jax.structures import Batch
+from bptt_jax.structures import Batch, safe_norm
 
 Array = jax.Array
 
@@ -45,8 +46,13 @@ class ADAPT(nn.Module):
       force_head: ``"linear"`` (paper), ``"vector"`` or ``"both"``.
       radial_channels: species channels of the radial descriptor input (0 = off).
       cutoff: smooth cutoff radius of all pair terms, Å. n_rbf: radial basis functions.
+      angular_channels: channels of the three-body (l = 1, 2 moment) descriptor input (0 = off).
+      attn_window: multiply attention weights by the smooth cutoff (local attention; with ``attn_bias="rbf"``).
       head_hidden: hidden width of the vector head's pair MLP.
       force_scale: multiplies the output forces (eV/Å per unit of network output); a target-scale prior.
+      output_transform: ``"none"`` or ``"expm1"``: per-atom force vectors ``u`` become
+        ``u · expm1(|u|) / |u|`` (direction kept, magnitude ``e^|u| − 1``), so forces spanning orders of
+        magnitude (0.01 to 100+ eV/Å at clashing atoms) are reachable with O(1) outputs.
     """
 
     d_model: int = 256
@@ -66,7 +72,10 @@ class ADAPT(nn.Module):
     cutoff: float = 5.0
     n_rbf: int = 16
     head_hidden: int = 32
+    angular_channels: int = 0
+    attn_window: bool = False
     force_scale: float = 1.0
+    output_transform: str = "none"
 
     @nn.compact
     def __call__(self, batch: Batch, deterministic: bool = True) -> Array:
@@ -75,7 +84,8 @@ class ADAPT(nn.Module):
             raise ValueError(f"unknown attn_bias {self.attn_bias!r}; expected none or rbf")
         if self.force_head not in ("linear", "vector", "both"):
             raise ValueError(f"unknown force_head {self.force_head!r}; expected linear, vector or both")
-        needs_geometry = self.attn_bias != "none" or self.force_head != "linear" or self.radial_channels > 0
+        needs_geometry = (self.attn_bias != "none" or self.force_head != "linear" or self.radial_channels > 0
+                          or self.angular_channels > 0)
         geom = None
         if needs_geometry:
             geom = pair_geometry(batch.positions, batch.cell, batch.pbc, batch.atom_mask, self.cutoff, self.n_rbf)
@@ -85,12 +95,15 @@ class ADAPT(nn.Module):
         if self.radial_channels > 0:
             radial = RadialDescriptor(self.radial_channels, name="radial")(geom, batch.numbers)
             feats = jnp.concatenate([feats, radial.astype(feats.dtype)], axis=-1)
+        if self.angular_channels > 0:
+            angular = AngularDescriptor(self.angular_channels, name="angular")(geom, batch.numbers, self.cutoff)
+            feats = jnp.concatenate([feats, angular.astype(feats.dtype)], axis=-1)
         x = MLP((self.d_model, self.d_model, self.d_model), act=self.act, name="embed")(feats)
         mask = nn.make_attention_mask(batch.atom_mask, batch.atom_mask)
         for i in range(self.n_layers):
             if self.attn_bias == "rbf":
                 x = GeometricEncoderBlock(self.d_model, self.n_heads, self.ffn_dim, self.dropout, self.act,
-                                          name=f"encoder_{i}")(x, geom, mask, deterministic)
+                                          self.attn_window, name=f"encoder_{i}")(x, geom, mask, deterministic)
             else:
                 x = EncoderBlock(self.d_model, self.n_heads, self.ffn_dim, self.dropout, self.act,
                                  name=f"encoder_{i}")(x, mask, deterministic)
@@ -99,4 +112,15 @@ class ADAPT(nn.Module):
             forces = nn.Dense(3, name="proj")(x)
         if self.force_head in ("vector", "both"):
             forces = forces + VectorForceHead(self.head_hidden, name="vector_head")(x, geom)
+        if self.output_transform == "expm1":
+            forces = forces * expm1_ratio(safe_norm(forces, axis=-1, keepdims=True))
+        elif self.output_transform != "none":
+            raise ValueError(f"unknown output_transform {self.output_transform!r}; expected none or expm1")
         return self.force_scale * forces * batch.atom_mask[..., None]
+
+
+def expm1_ratio(x: Array) -> Array:
+    """``expm1(x) / x`` for x ≥ 0 (1 at x = 0, smooth, finite gradient everywhere)."""
+    small = x < 1e-3
+    safe = jnp.where(small, 1.0, x)
+    return jnp.where(small, 1.0 + x / 2 + x * x / 6, jnp.expm1(safe) / safe)

@@ -119,6 +119,42 @@ class RadialDescriptor(nn.Module):
         return g.reshape(g.shape[:-2] + (-1,))
 
 
+class AngularDescriptor(nn.Module):
+    """Per-atom three-body invariants from l = 1 and l = 2 moments of the neighbourhood (a moment-tensor /
+    SOAP-power-spectrum-like descriptor)::
+
+        W_ijm = Σ_{k,c} rbf_k(d_ij) e_c(Z_j) A_kcm                      learned species-radial channels
+        μ_im  = Σ_j W_ijm r_ij / r_c            (vector moments)
+        T_im  = Σ_j W_ijm r_ij r_ijᵀ / r_c²     (tensor moments, traceless part)
+        g_i   = [μ_im · μ_im', T_im : T_im']_{m ≤ m'}                   rotation invariant, sees bond angles
+
+    Returns (B, N, n_channels · (n_channels + 1)) scaled by ``1 / avg_neighbors²``.
+    """
+
+    n_channels: int = 8
+    species_channels: int = 4
+    avg_neighbors: float = 10.0
+
+    @nn.compact
+    def __call__(self, geom: PairGeometry, numbers: Array, cutoff: float) -> Array:
+        from bptt_jax.elements import N_ELEMENTS
+
+        e = nn.Embed(N_ELEMENTS, self.species_channels, embedding_init=nn.initializers.normal(1.0),
+                     name="neighbor_species")(numbers).astype(geom.rbf.dtype)  # (B, N, C)
+        k = geom.rbf.shape[-1]
+        mix = self.param("radial_mix", nn.initializers.lecun_normal(),
+                         (k * self.species_channels, self.n_channels)).reshape(k, self.species_channels, -1)
+        w = jnp.einsum("bijk,bjc,kcm->bijm", geom.rbf, e, mix.astype(geom.rbf.dtype))
+        r = geom.vec / cutoff
+        mu = jnp.einsum("bijm,bijx->bimx", w, r)
+        t = jnp.einsum("bijm,bijx,bijy->bimxy", w, r, r)
+        t = t - jnp.trace(t, axis1=-2, axis2=-1)[..., None, None] * jnp.eye(3, dtype=t.dtype) / 3
+        iu = jnp.triu_indices(self.n_channels)
+        p1 = jnp.einsum("bimx,binx->bimn", mu, mu)[..., iu[0], iu[1]]
+        p2 = jnp.einsum("bimxy,binxy->bimn", t, t)[..., iu[0], iu[1]]
+        return jnp.concatenate([p1, p2], axis=-1) / self.avg_neighbors ** 2
+
+
 class GeometricEncoderBlock(nn.Module):
     """The post-LN encoder block of :class:`~bptt_jax.models.layers.EncoderBlock` whose attention logits get
     a per-head additive bias from the pair's radial basis functions::
@@ -133,14 +169,22 @@ class GeometricEncoderBlock(nn.Module):
     ffn_dim: int
     dropout: float = 0.0
     act: str = "gelu"
+    window: bool = False
 
     @nn.compact
     def __call__(self, x: Array, geom: PairGeometry, mask: Array, deterministic: bool = True) -> Array:
-        """x: (B, N, d_model); mask: (B, 1, N, N) attention mask. Returns (B, N, d_model)."""
+        """x: (B, N, d_model); mask: (B, 1, N, N) attention mask. Returns (B, N, d_model).
+
+        ``window=True`` adds ``log(cut(d_ij))`` (1 for i = j) to the logits: attention weights are
+        ``∝ cut(d_ij) e^{logit}``, local and continuous as atoms cross the cutoff."""
         head_dim = self.d_model // self.n_heads
         dense = lambda name: nn.DenseGeneral((self.n_heads, head_dim), name=name)  # noqa: E731
         q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)  # (B, N, H, dh)
         bias = nn.Dense(self.n_heads, name="distance_bias")(geom.rbf)  # (B, N, N, H)
+        if self.window:
+            n = geom.cut.shape[-1]
+            w = jnp.where(jnp.eye(n, dtype=bool), 1.0, geom.cut)
+            bias = bias + jnp.log(w + 1e-6)[..., None]
         bias = jnp.moveaxis(bias, -1, -3)  # (B, H, N, N)
         attn = nn.dot_product_attention(q, k, v, bias=bias, mask=mask, dropout_rate=self.dropout,
                                         deterministic=deterministic,
