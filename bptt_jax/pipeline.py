@@ -64,7 +64,7 @@ class DataConfig:
 @dataclasses.dataclass
 class ModelConfig:
     name: str = "adapt"
-    preset: Optional[str] = "small"
+    preset: Optional[str] = "small_geo"
     overrides: dict = dataclasses.field(default_factory=dict)
     init_from: Optional[str] = None  # a run directory or checkpoint directory with pretrained params
 
@@ -80,15 +80,15 @@ class PretrainConfig:
     min_learning_rate: float = 1e-5
     clip_norm: float = 10.0
     val_fraction: float = 0.1
-    frame_stride: int = 1  # use every k-th frame of each trajectory
-    time_budget_s: float = 240.0
+    frame_stride: int = 3  # every k-th frame of each trajectory (neighbouring frames are nearly identical)
+    time_budget_s: float = 150.0
 
 
 @dataclasses.dataclass
 class FinetuneConfig:
     epochs: int = 5
     batch_size: int = 8
-    learning_rate: float = 1e-4
+    learning_rate: float = 5e-4
     clip_norm: float = 1.0
     prox_weight: float = 0.0
     step_mode: str = "learned"  # fixed | learned | network
@@ -98,7 +98,7 @@ class FinetuneConfig:
 
 @dataclasses.dataclass
 class EvalConfig:
-    step_grid: tuple[float, ...] = (0.005, 0.01, 0.02, 0.03, 0.05, 0.077, 0.1, 0.15)
+    step_grid: tuple[float, ...] = (0.002, 0.003, 0.005, 0.007, 0.01, 0.02, 0.03, 0.05, 0.077, 0.1)
     fire: bool = True
     batch_size: int = 16
 

@@ -24,8 +24,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "small": dict(d_model=64, n_layers=3, n_heads=4, ffn_dim=128),
         # CPU-sized and geometry-aware (distance-biased attention, radial input, equivariant vector head):
         # learns Si-defect forces in minutes where the coordinate-only "small" does not.
-        "small_geo": dict(d_model=64, n_layers=3, n_heads=4, ffn_dim=128, coords="none", attn_bias="rbf",
-                          force_head="vector", radial_channels=4),
+        "small_geo": dict(d_model=64, n_layers=2, n_heads=4, ffn_dim=128, coords="none", attn_bias="rbf",
+                          force_head="vector", radial_channels=4, n_rbf=8, head_hidden=16, cutoff=5.0,
+                          output_transform="expm1"),
         "bench": dict(d_model=128, n_layers=4, n_heads=4, ffn_dim=512),
         "tiny": dict(d_model=16, n_layers=1, n_heads=2, ffn_dim=32, species_dim=4),
     },

@@ -55,27 +55,41 @@ def gaussian_rbf(dist: Array, n_rbf: int, cutoff: float) -> Array:
     return jnp.exp(-0.5 * ((dist[..., None] - mu) / sigma) ** 2)
 
 
-def pair_displacements(positions: Array, cell: Array, pbc: Array) -> Array:
+def pair_displacements(positions: Array, cell: Array, pbc: Array, cutoff: float | None = None) -> Array:
     """(B, N, N, 3) minimum-image displacements ``r_j − r_i``, Å, for (B, N, 3) positions in (B, 3, 3) cells.
 
     The same convention as :func:`bptt_jax.structures.minimum_image` (wrap fractional coordinates along
     periodic axes, then the shortest of the 27 neighbouring images; triclinic cells and mixed pbc), laid out
     for all pairs at once: fractional coordinates are computed per atom, and the image search uses
-    ``|c + s|² − |c|² = 2 c·s + |s|²`` as one contraction. The lattice translation is a ``stop_gradient``
-    constant, so the derivative with respect to positions is exactly that of ``r_j − r_i``.
+    ``|c + s|² − |c|² = 2 c·s + |s|²`` as one contraction.
+
+    With ``cutoff`` (Å) given, the 27-image search is skipped (``lax.cond``) when every periodic cell of the
+    batch has all perpendicular widths ≥ 2·cutoff: the wrapped vector is then the minimum image for every
+    pair closer than the cutoff, and pairs farther away stay at least ``cutoff`` apart (only pairs inside the
+    cutoff matter to a cut-off model). The lattice translation is a ``stop_gradient`` constant, so the
+    derivative with respect to positions is exactly that of ``r_j − r_i``.
     """
     dR = positions[..., None, :, :] - positions[..., :, None, :]
     frame = jax.lax.stop_gradient(periodic_frame(cell, pbc))  # (B, 3, 3)
-    r = jax.lax.stop_gradient(positions)
-    frac = jnp.einsum("bni,bij->bnj", r, jnp.linalg.inv(frame))
+    inv = jnp.linalg.inv(frame)
+    frac = jnp.einsum("bni,bij->bnj", jax.lax.stop_gradient(positions), inv)
     df = frac[:, None, :, :] - frac[:, :, None, :]  # (B, N, N, 3)
     df = df - jnp.where(pbc[:, None, None, :], jnp.round(df), 0.0)
     wrapped = jnp.einsum("bnmi,bij->bnmj", df, frame)
-    shifts = jnp.where(pbc[:, None, :], jnp.asarray(_SHIFTS, positions.dtype), 0.0)  # (B, 27, 3)
-    shift_cart = jnp.einsum("bsi,bij->bsj", shifts, frame)
-    score = 2 * jnp.einsum("bnmj,bsj->bnms", wrapped, shift_cart) + jnp.sum(shift_cart ** 2, -1)[:, None, None]
-    best = jax.nn.one_hot(jnp.argmin(score, axis=-1), shifts.shape[-2], dtype=positions.dtype)
-    image = wrapped + jnp.einsum("bnms,bsj->bnmj", best, shift_cart)
+
+    def search(wrapped):
+        shifts = jnp.where(pbc[:, None, :], jnp.asarray(_SHIFTS, positions.dtype), 0.0)  # (B, 27, 3)
+        shift_cart = jnp.einsum("bsi,bij->bsj", shifts, frame)
+        score = 2 * jnp.einsum("bnmj,bsj->bnms", wrapped, shift_cart) + jnp.sum(shift_cart ** 2, -1)[:, None, None]
+        best = jax.nn.one_hot(jnp.argmin(score, axis=-1), shifts.shape[-2], dtype=positions.dtype)
+        return wrapped + jnp.einsum("bnms,bsj->bnmj", best, shift_cart)
+
+    if cutoff is None:
+        image = search(wrapped)
+    else:
+        width = 1.0 / jnp.linalg.norm(inv, axis=-2)  # (B, 3) perpendicular widths of the cell, Å
+        wide = jnp.all(jnp.where(pbc, width >= 2 * cutoff, True))
+        image = jax.lax.cond(wide, lambda w: w, search, wrapped)
     return dR + jax.lax.stop_gradient(image - dR)
 
 
@@ -90,7 +104,7 @@ def pair_geometry(positions: Array, cell: Array, pbc: Array, atom_mask: Array, c
       n_rbf: number of radial basis functions K.
     """
     n = positions.shape[-2]
-    vec = pair_displacements(positions, cell, pbc)  # (B, N, N, 3): r_j - r_i
+    vec = pair_displacements(positions, cell, pbc, cutoff)  # (B, N, N, 3): r_j - r_i
     eye = jnp.eye(n, dtype=bool)
     mask = atom_mask[..., :, None] & atom_mask[..., None, :] & ~eye
     # Masked pairs get zero displacement: no gradient leaks through padding or the diagonal.
