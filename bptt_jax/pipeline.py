@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bptt_jax.bptt import BPTT, OptimConfig, TrainState, make_optimizer
+from bptt_jax.bptt import BPTT, OptimConfig
 from bptt_jax.data.trajectory import SkipLog, Trajectory, filter_usable, split
 from bptt_jax.losses import force_l2, force_mse, masked_mean
 from bptt_jax.models import build_model
@@ -142,10 +142,7 @@ def load_trajectories(cfg: DataConfig, skipped: SkipLog, progress: bool = True) 
                 yield from read_trajectories(out / rec["file"], strict=cfg.strict, skipped=skipped)
 
         trajs = from_manifest()
-    out_list = []
-    for traj in filter_usable(trajs, skipped):
-        out_list.append(traj)
-    return out_list
+    return list(filter_usable(trajs, skipped))
 
 
 def relaxation_items(trajs: Sequence[Trajectory]) -> list[tuple[Structure, np.ndarray]]:

@@ -4,7 +4,6 @@ import sys
 
 import numpy as np
 import pytest
-from ase.build import bulk
 
 from bptt_jax.data import read_trajectories
 from bptt_jax.data.generate import (SiDefectParams, build_si_defect, generate, make_params)

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bptt_jax.losses import dq, force_l2, force_mse, masked_mean, position_mse, structure_loss
+from bptt_jax.losses import dq, force_l2, force_mse, masked_mean, structure_loss
 from bptt_jax.structures import Batch, Structure
 
 

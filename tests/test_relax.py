@@ -6,7 +6,6 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 from ase.optimize import FIRE
 
-from bptt_jax.bptt import BPTT
 from bptt_jax.models import build_model
 from bptt_jax.relax import RelaxConfig, descent, fire, rollout
 from bptt_jax.structures import Batch
