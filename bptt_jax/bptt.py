@@ -141,8 +141,8 @@ class BPTT:
         return self.model.apply(params["model"], batch, deterministic=False, rngs={"dropout": key})
 
     def rollout(self, params: Params, batch: Batch, key: Optional[Array] = None, *, mode: str = "scan",
-                record: bool = False) -> RolloutResult:
-        """Relax ``batch`` with the model (traceable; differentiable in scan mode)."""
+                record: bool = False, adjoint_probe: Optional[Array] = None) -> RolloutResult:
+        """Relax ``batch`` with the model (traceable; differentiable in scan mode per ``relax.grad_mode``)."""
         use_dropout = self.relax.dropout
 
         def force_fn(R, k):
@@ -161,7 +161,8 @@ class BPTT:
 
         rule = relax_lib.make_rule(self.relax, force_fn, batch.free_mask, step_size)
         return relax_lib.run(self.relax, rule, batch.positions, batch.free_mask, key=key, mode=mode,
-                             record=record)
+                             record=record, adjoint_probe=adjoint_probe,
+                             translation_modes=~jnp.any(batch.fixed_mask & batch.atom_mask, axis=-1))
 
     def _relax_batch(self, params: Params, batch: Batch, key: Optional[Array] = None, *, mode: str = "while",
                      record: bool = False) -> RolloutResult:
@@ -169,10 +170,19 @@ class BPTT:
 
     # -- loss and training --------------------------------------------------------------------------
 
+    @property
+    def uses_adjoint(self) -> bool:
+        """Whether gradients include an implicit (adjoint) solve, whose residual a train step reports."""
+        return self.relax.grad_mode in ("implicit", "guided")
+
     def loss(self, params: Params, batch: Batch, key: Optional[Array] = None,
-             ref_params: Optional[Params] = None) -> tuple[Array, dict[str, Array]]:
-        """Mean structural loss of the relaxed batch (+ proximal term) and per-structure diagnostics."""
-        result = self.rollout(params, batch, key, mode="scan")
+             ref_params: Optional[Params] = None,
+             adjoint_probe: Optional[Array] = None) -> tuple[Array, dict[str, Array]]:
+        """Mean structural loss of the relaxed batch (+ proximal term) and per-structure diagnostics.
+
+        ``adjoint_probe``: (B,) zeros whose gradient is the per-structure adjoint residual (implicit/guided).
+        """
+        result = self.rollout(params, batch, key, mode="scan", adjoint_probe=adjoint_probe)
         per_structure = structure_loss(self.optim.loss, result.positions, batch)
         smask = batch.structure_mask
         loss = masked_mean(per_structure, smask)
@@ -186,7 +196,14 @@ class BPTT:
     def _train_step(self, state: TrainState, batch: Batch,
                     ref_params: Optional[Params] = None) -> tuple[TrainState, dict[str, Array]]:
         rng, key = jax.random.split(state.rng)
-        (total, aux), grads = jax.value_and_grad(self.loss, has_aux=True)(state.params, batch, key, ref_params)
+        residual = None
+        if self.uses_adjoint:
+            probe = jnp.zeros(batch.positions.shape[:1], batch.positions.dtype)
+            (total, aux), (grads, residual) = jax.value_and_grad(
+                lambda p, q: self.loss(p, batch, key, ref_params, q), argnums=(0, 1), has_aux=True)(
+                state.params, probe)
+        else:
+            (total, aux), grads = jax.value_and_grad(self.loss, has_aux=True)(state.params, batch, key, ref_params)
         updates, opt_state = make_optimizer(self.optim).update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         smask = batch.structure_mask
@@ -200,6 +217,9 @@ class BPTT:
         }
         if self.relax.step_mode == "learned":
             metrics["step_size"] = params["step_size"]
+        if residual is not None:
+            # Worst relative residual of the adjoint solve over real structures (0 when not solved).
+            metrics["adjoint_residual"] = jnp.max(jnp.where(smask, residual, 0.0))
         return TrainState(params, opt_state, state.step + 1, rng), metrics
 
     def _evaluate(self, params: Params, batch: Batch) -> dict[str, Array]:

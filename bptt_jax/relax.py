@@ -25,6 +25,8 @@ caller, so one bad structure never turns a batch's loss into NaN.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import Callable, NamedTuple, Optional, Union
 
 import flax.struct
@@ -199,6 +201,8 @@ def fire(
 # ----------------------------------------------------------------------------------------------------
 # Rollouts
 
+GRAD_MODES = ("full", "remat", "truncated", "implicit", "guided")
+
 
 @flax.struct.dataclass
 class RolloutResult:
@@ -221,6 +225,36 @@ class RolloutResult:
     trajectory: Optional[Array] = None
 
 
+@dataclasses.dataclass(frozen=True)
+class AdjointConfig:
+    """How the implicit (adjoint) gradient at a converged structure is solved.
+
+    With the frame map Φ (one update-rule step) and its Jacobian J = ∂Φ/∂X at the converged positions X*,
+    the cotangent g = ∂L/∂X* becomes the adjoint λ solving ``λ = g + (1 − damping) Jᵀλ``, and the parameter
+    gradient is ``λᵀ ∂Φ/∂θ``. Only vector–Jacobian products of one frame are used, so memory does not grow
+    with the number of frames.
+
+    Attributes:
+      solver: ``"neumann"`` (the fixed-point iteration λ ← g + Jᵀλ: BPTT run backwards at the fixed point)
+        or ``"gmres"`` (``jax.scipy.sparse.linalg.gmres`` on ``(I − Jᵀ)λ = g``; faster on stiff systems).
+      max_iters: iteration cap (Neumann steps, or GMRES restarts × Krylov size).
+      tol: relative residual ``‖g + Jᵀλ − λ‖ / ‖g‖`` to stop at (per structure, the worst one counts).
+      damping: δ ≥ 0; a small δ makes the system well-posed along soft or zero modes.
+      project_translations: solve on the complement of rigid translations for structures with no fixed
+        atom (their fixed point is defined only up to a translation when the model is translation-invariant).
+    """
+
+    solver: str = "neumann"
+    max_iters: int = 200
+    tol: float = 1e-4
+    damping: float = 0.0
+    project_translations: bool = True
+
+    def __post_init__(self):
+        if self.solver not in ("neumann", "gmres"):
+            raise ValueError(f"unknown adjoint solver {self.solver!r}; expected neumann or gmres")
+
+
 def rms_movement(dR: Array, free_mask: Array) -> Array:
     """(B,) root-mean-square over free atoms of |dR| (Å): the paper's stopping statistic."""
     sq = jnp.sum(dR * dR, axis=-1) * free_mask
@@ -236,41 +270,12 @@ def _select(mask: Array, new, old):
     return jax.tree_util.tree_map(sel, new, old)
 
 
-def rollout(
-    rule: UpdateRule,
-    positions: Array,
-    free_mask: Array,
-    *,
-    key: Optional[Array] = None,
-    max_frames: int = 75,
-    tol: float = 1e-3,
-    diverge_distance: float = 5.0,
-    mode: str = "scan",
-    remat: bool = False,
-    skip_converged: bool = True,
-    record: bool = False,
-) -> RolloutResult:
-    """Run ``rule`` from ``positions`` until every structure converged or ``max_frames``.
+def _per_structure_norm(x: Array) -> Array:
+    return jnp.sqrt(jnp.sum(x * x, axis=tuple(range(1, x.ndim))))
 
-    Args:
-      rule: an ``(init_fn, step_fn)`` pair.
-      positions: (B, N, 3) starting positions, Å.
-      free_mask: (B, N) atoms that move and count in the stop statistic.
-      key: PRNG key for stochastic rules / dropout.
-      max_frames: frame budget (paper: 75 for Si defects and crystals, 200 for catalysts).
-      tol: a structure stops once its RMS movement in one frame is below ``tol`` Å (paper: 1e-3).
-      diverge_distance: RMS displacement from the start (Å) beyond which a structure counts as diverged.
-      mode: ``"scan"`` (fixed length, reverse-mode differentiable) or ``"while"`` (early exit, inference).
-      remat: wrap each frame in ``jax.checkpoint`` (memory ~ one frame's activations + the carries).
-      skip_converged: in scan mode, skip the model call in frames where every structure is done.
-      record: return the positions after every frame (scan mode).
-    """
-    init_fn, step_fn = rule
-    start = positions
-    state0 = init_fn(positions, key)
-    n_free = jnp.sum(free_mask, axis=-1)
-    done0 = n_free == 0
-    zeros_b = jnp.zeros(done0.shape, jnp.int32)
+
+def _make_frame(step_fn, start: Array, free_mask: Array, tol: float, diverge_distance: float):
+    """One frame of the stop rule on the carry ``(state, done, frames, converged, diverged)``."""
 
     def frame(carry):
         state, done, frames, converged, diverged = carry
@@ -286,35 +291,289 @@ def rollout(
         hit_tol = active & ~bad & (move < tol)
         return (state, done | bad | hit_tol, frames + active, converged | hit_tol, diverged | (active & bad))
 
-    if remat:
-        frame = jax.checkpoint(frame)
+    return frame
 
+
+def _scan_frames(frame, carry0, n_frames: int, *, segment: int, skip_converged: bool, record: bool):
+    """``n_frames`` frames with ``lax.scan``; with ``segment > 0`` every block of ``segment`` frames is one
+    ``jax.checkpoint`` (only block-boundary carries are stored; a block's frames are recomputed in the
+    backward pass). Returns the final carry and the recorded positions (T, B, N, 3) or None."""
+
+    def guarded(carry, live=None):
+        """``frame``, skipped (by ``lax.cond``) when every structure is done or the frame is padding."""
+        skip = None
+        if skip_converged:
+            skip = jnp.all(carry[1])
+        if live is not None:
+            skip = ~live if skip is None else skip | ~live
+        if skip is None:
+            return frame(carry)
+        return jax.lax.cond(skip, lambda c: c, frame, carry)
+
+    if segment <= 0:
+        def body(carry, _):
+            carry = guarded(carry)
+            return carry, (carry[0].positions if record else None)
+        return jax.lax.scan(body, carry0, None, length=n_frames)
+
+    if segment == 1:
+        step = jax.checkpoint(guarded)
+
+        def body1(carry, _):
+            carry = step(carry)
+            return carry, (carry[0].positions if record else None)
+        return jax.lax.scan(body1, carry0, None, length=n_frames)
+
+    n_seg = -(-n_frames // segment)
+
+    @jax.checkpoint
+    def block(carry, seg_index):
+        def inner(c, j):
+            live = seg_index * segment + j < n_frames
+            c = guarded(c, live)
+            return c, (c[0].positions if record else None)
+        return jax.lax.scan(inner, carry, jnp.arange(segment))
+
+    carry, traj = jax.lax.scan(block, carry0, jnp.arange(n_seg))
+    if record:
+        traj = traj.reshape((n_seg * segment,) + traj.shape[2:])[:n_frames]
+    return carry, traj
+
+
+def _forward_to_stop(frame, carry0, max_frames: int, window: int):
+    """Early-exit forward pass (no gradients) that also keeps, per structure, the rule state ``window``
+    frames before its stop (or the start state if it stopped sooner). Returns (final carry, window start)."""
+    state0 = carry0[0]
+    if window > 0:
+        ring0 = jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (window,) + x.shape), state0)
+    else:
+        ring0 = None
+
+    def body(c):
+        t, carry, ring = c
+        if window > 0:
+            state, done, frames = carry[0], carry[1], carry[2]
+            slot = (jnp.arange(window)[:, None] == (frames % window)[None, :]) & ~done[None, :]
+
+            def write(r, s):
+                m = slot.reshape(slot.shape + (1,) * (s.ndim - 1))
+                return jnp.where(m, s[None], r)
+            ring = jax.tree_util.tree_map(write, ring, state)
+        return t + 1, frame(carry), ring
+
+    def cond(c):
+        return (c[0] < max_frames) & ~jnp.all(c[1][1])
+
+    _, carry, ring = jax.lax.while_loop(cond, body, (jnp.int32(0), carry0, ring0))
+    carry = jax.lax.stop_gradient(carry)
+    if window <= 0:
+        return carry, None
+    frames = carry[2]
+    take = frames % window
+
+    def pick(r, s0):
+        chosen = jnp.take_along_axis(r, take.reshape((1, -1) + (1,) * (r.ndim - 2)), axis=0)[0]
+        m = (frames >= window).reshape((-1,) + (1,) * (s0.ndim - 1))
+        return jnp.where(m, chosen, s0)
+    start_state = jax.lax.stop_gradient(jax.tree_util.tree_map(pick, ring, state0))
+    return carry, start_state
+
+
+def _adjoint_solve(vjp_x: Callable[[Array], Array], g: Array, free_mask: Array, translation: Array,
+                   config: AdjointConfig):
+    """λ with ``λ = P g + (1 − δ) P Jᵀλ`` and the per-structure relative residual.
+
+    P keeps free atoms and, for structures flagged in ``translation`` (B,), removes the mean over free atoms:
+    when no atom is held fixed, a rigid translation of a translation-invariant model's fixed point is again a
+    fixed point, so the fixed point is defined only up to translation and the adjoint is solved on the
+    complement (rigid rotations of isolated molecules are not projected).
+    """
+    decay = 1.0 - config.damping
+    free = free_mask[..., None]
+    n_free = jnp.maximum(jnp.sum(free_mask, axis=-1), 1)[:, None, None]
+    shift = translation[:, None, None]
+
+    def proj(u):
+        u = jnp.where(free, u, 0.0)
+        mean = jnp.sum(u, axis=1, keepdims=True) / n_free
+        return jnp.where(free, u - jnp.where(shift, mean, 0.0), 0.0)
+
+    g = proj(g)
+
+    def apply_jt(lam):
+        return proj(decay * vjp_x(lam))
+
+    g_norm = jnp.maximum(_per_structure_norm(g), jnp.finfo(g.dtype).tiny)
+    if config.solver == "neumann":
+        def cond(c):
+            i, _, err = c
+            return (i < config.max_iters) & (jnp.max(err) > config.tol)
+
+        def body(c):
+            i, lam, _ = c
+            new = g + apply_jt(lam)
+            return i + 1, new, _per_structure_norm(new - lam) / g_norm
+
+        _, lam, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), g, jnp.full(g.shape[:1], jnp.inf, g.dtype)))
+    else:
+        restart = min(20, config.max_iters)
+        lam, _ = jax.scipy.sparse.linalg.gmres(lambda u: u - apply_jt(u), g, x0=g, tol=config.tol, atol=0.0,
+                                               restart=restart, maxiter=max(1, config.max_iters // restart))
+    residual = _per_structure_norm(g + apply_jt(lam) - lam) / g_norm
+    return lam, residual
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _implicit_tail(phi, config, value, x_star, free, translation, probe, *consts):
+    """Returns ``value``; its cotangent goes to the parameters in ``consts`` through the implicit function
+    theorem at the fixed point ``x_star = phi(x_star, *consts)``. ``probe``'s cotangent is the adjoint
+    residual per structure (so callers can report a solve that did not converge)."""
+    del phi, config, x_star, free, translation, probe, consts
+    return value
+
+
+def _implicit_tail_fwd(phi, config, value, x_star, free, translation, probe, *consts):
+    return value, (x_star, free, translation, probe, consts)
+
+
+def _implicit_tail_bwd(phi, config, res, g):
+    x_star, free, translation, probe, consts = res
+    _, vjp_x = jax.vjp(lambda x: phi(x, *consts), x_star)
+    lam, residual = _adjoint_solve(lambda u: vjp_x(u)[0], g, free, translation, config)
+    _, vjp_c = jax.vjp(lambda *c: phi(x_star, *c), *consts)
+    d_consts = vjp_c(lam)
+    return (jnp.zeros_like(x_star), jnp.zeros_like(x_star), None, None, residual.astype(probe.dtype), *d_consts)
+
+
+_implicit_tail.defvjp(_implicit_tail_fwd, _implicit_tail_bwd)
+
+
+def _attach_implicit(step_fn, final_state, value: Array, free_mask: Array, translation: Optional[Array],
+                     config: AdjointConfig, probe: Optional[Array]) -> Array:
+    """``value`` carrying the implicit gradient of the fixed point of ``step_fn`` at ``final_state``."""
+    x_star = jax.lax.stop_gradient(final_state.positions)
+    frozen = jax.lax.stop_gradient(final_state)
+
+    def phi(x):
+        return step_fn(frozen.replace(positions=x)).positions
+
+    phi_conv, consts = jax.closure_convert(phi, x_star)
+
+    def phi_args(x, *c):
+        return phi_conv(x, *c)
+
+    if probe is None:
+        probe = jnp.zeros(x_star.shape[:1], x_star.dtype)
+    if translation is None or not config.project_translations:
+        translation = jnp.zeros(x_star.shape[:1], bool)
+    return _implicit_tail(phi_args, config, value, x_star, free_mask, translation, probe, *consts)
+
+
+def rollout(
+    rule: UpdateRule,
+    positions: Array,
+    free_mask: Array,
+    *,
+    key: Optional[Array] = None,
+    max_frames: int = 75,
+    tol: float = 1e-3,
+    diverge_distance: float = 5.0,
+    mode: str = "scan",
+    remat: bool = False,
+    skip_converged: bool = True,
+    record: bool = False,
+    grad_mode: str = "full",
+    segment: int = 1,
+    window: int = 10,
+    adjoint: AdjointConfig = AdjointConfig(),
+    adjoint_probe: Optional[Array] = None,
+    translation_modes: Optional[Array] = None,
+) -> RolloutResult:
+    """Run ``rule`` from ``positions`` until every structure converged or ``max_frames``.
+
+    Args:
+      rule: an ``(init_fn, step_fn)`` pair.
+      positions: (B, N, 3) starting positions, Å.
+      free_mask: (B, N) atoms that move and count in the stop statistic.
+      key: PRNG key for stochastic rules / dropout.
+      max_frames: frame budget (paper: 75 for Si defects and crystals, 200 for catalysts).
+      tol: a structure stops once its RMS movement in one frame is below ``tol`` Å (paper: 1e-3).
+      diverge_distance: RMS displacement from the start (Å) beyond which a structure counts as diverged.
+      mode: ``"scan"`` (differentiable, per ``grad_mode``) or ``"while"`` (early exit, inference only).
+      remat: shorthand for ``grad_mode="remat", segment=1``.
+      skip_converged: in scan mode, skip the model call in frames where every structure is done.
+      record: return the positions after every frame (``grad_mode`` full or remat).
+      grad_mode: how reverse-mode gradients flow through the relaxation (scan mode):
+
+        - ``"full"``: plain BPTT through a ``lax.scan`` over ``max_frames`` (memory ∝ frames).
+        - ``"remat"``: the same gradient, with ``jax.checkpoint`` around blocks of ``segment`` frames
+          (``segment=1``: per frame; ``segment=0``: ⌈√max_frames⌉ frames, √n checkpointing).
+        - ``"truncated"``: an early-exit forward pass without gradients, then BPTT through each structure's
+          last ``window`` frames only (re-run from the stored state ``window`` frames before its stop).
+        - ``"implicit"``: the early-exit forward pass, and the gradient of the converged structure as a fixed
+          point X* = frame(X*) by the implicit function theorem (see :class:`AdjointConfig`); memory is
+          independent of the number of frames.
+        - ``"guided"``: ``"truncated"`` plus the implicit gradient for the frames before the window (the
+          window's start state gets the sensitivity of the fixed point, linearised at the converged state).
+      segment: frames per checkpointed block in ``"remat"`` mode.
+      window: frames unrolled with gradients in ``"truncated"`` and ``"guided"`` modes.
+      adjoint: the adjoint solver of ``"implicit"`` and ``"guided"``.
+      adjoint_probe: optional (B,) zeros; differentiating with respect to it returns the adjoint residual
+        per structure (``"implicit"``/``"guided"``), so a training step can report an unconverged solve.
+      translation_modes: optional (B,) bool, structures whose rigid translation is a zero mode (no fixed
+        atom, translation-invariant forces); the adjoint is solved on the complement of their translations
+        (see ``AdjointConfig.project_translations``). Default: none. :class:`~bptt_jax.bptt.BPTT` flags every
+        structure without fixed atoms.
+    """
+    if grad_mode not in GRAD_MODES:
+        raise ValueError(f"unknown grad_mode {grad_mode!r}; expected one of {', '.join(GRAD_MODES)}")
+    if mode not in ("scan", "while"):
+        raise ValueError(f"unknown rollout mode {mode!r}; expected 'scan' or 'while'")
+    if remat and grad_mode == "full":
+        grad_mode, segment = "remat", 1
+    init_fn, step_fn = rule
+    start = positions
+    state0 = init_fn(positions, key)
+    n_free = jnp.sum(free_mask, axis=-1)
+    done0 = n_free == 0
+    zeros_b = jnp.zeros(done0.shape, jnp.int32)
+    frame = _make_frame(step_fn, start, free_mask, tol, diverge_distance)
     carry0 = (state0, done0, zeros_b, jnp.zeros_like(done0), jnp.zeros_like(done0))
 
-    if mode == "scan":
-        def body(carry, _):
-            if skip_converged:
-                carry = jax.lax.cond(jnp.all(carry[1]), lambda c: c, frame, carry)
-            else:
-                carry = frame(carry)
-            return carry, (carry[0].positions if record else None)
-
-        carry, traj = jax.lax.scan(body, carry0, None, length=max_frames)
-    elif mode == "while":
+    if mode == "while":
         if record:
             raise ValueError("record=True needs mode='scan'")
+        carry, _ = _forward_to_stop(frame, carry0, max_frames, 0)
+        state, _, frames, converged, diverged = carry
+        return RolloutResult(state.positions, frames, converged, diverged, state, None)
 
-        def cond(c):
-            t, inner = c
-            return (t < max_frames) & ~jnp.all(inner[1])
+    if grad_mode in ("full", "remat"):
+        seg = 0 if grad_mode == "full" else (segment if segment > 0 else math.ceil(math.sqrt(max_frames)))
+        carry, traj = _scan_frames(frame, carry0, max_frames, segment=seg, skip_converged=skip_converged,
+                                   record=record)
+        state, _, frames, converged, diverged = carry
+        return RolloutResult(state.positions, frames, converged, diverged, state, traj)
 
-        _, carry = jax.lax.while_loop(cond, lambda c: (c[0] + 1, frame(c[1])), (jnp.int32(0), carry0))
-        traj = None
-    else:
-        raise ValueError(f"unknown rollout mode {mode!r}; expected 'scan' or 'while'")
+    if record:
+        raise ValueError(f"record=True needs grad_mode full or remat, not {grad_mode!r}")
+    k = 0 if grad_mode == "implicit" else max(1, min(window, max_frames))
+    fwd, window_start = _forward_to_stop(frame, carry0, max_frames, k)
+    if grad_mode == "implicit":
+        state, _, frames, converged, diverged = fwd
+        positions = _attach_implicit(step_fn, state, state.positions, free_mask, translation_modes, adjoint,
+                                     adjoint_probe)
+        return RolloutResult(positions, frames, converged, diverged, state.replace(positions=positions))
 
+    if grad_mode == "guided":
+        tail = _attach_implicit(step_fn, fwd[0], window_start.positions, free_mask, translation_modes, adjoint,
+                                adjoint_probe)
+        started = (fwd[2] >= k).reshape((-1, 1, 1))  # structures that stopped sooner re-run from the start
+        window_start = window_start.replace(positions=jnp.where(started, tail, window_start.positions))
+    frames0 = jnp.maximum(fwd[2] - k, 0)
+    carry_w = (window_start, done0, frames0, jnp.zeros_like(done0), jnp.zeros_like(done0))
+    carry, _ = _scan_frames(frame, carry_w, k, segment=0, skip_converged=skip_converged, record=False)
     state, _, frames, converged, diverged = carry
-    return RolloutResult(state.positions, frames, converged, diverged, state, traj)
+    return RolloutResult(state.positions, frames, converged, diverged, state, None)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -331,7 +590,12 @@ class RelaxConfig:
       step_mode: ``"fixed"``, ``"learned"`` (a trainable scalar) or ``"network"`` (the App. B head).
       momentum, anneal, noise, noise_anneal: descent ablations (App. C).
       max_frames, tol, diverge_distance: stop rule (App. D) and divergence bound (Å).
-      remat: ``jax.checkpoint`` per frame.
+      remat: ``jax.checkpoint`` per frame (shorthand for ``grad_mode="remat"``, ``remat_segment=1``).
+      grad_mode: gradient through the relaxation, one of :data:`GRAD_MODES` (see :func:`rollout`).
+      remat_segment: frames per checkpointed block in ``"remat"`` mode (0 = ⌈√max_frames⌉).
+      window: frames unrolled with gradients in ``"truncated"`` and ``"guided"`` modes.
+      adjoint_solver, adjoint_iters, adjoint_tol, adjoint_damping, adjoint_project_translations: the
+        adjoint solve of ``"implicit"`` and ``"guided"`` (see :class:`AdjointConfig`).
       skip_converged: skip frames once every structure in the batch is done.
       dropout: keep model dropout on inside rollouts.
       fire: keyword overrides for :func:`fire`.
@@ -348,6 +612,14 @@ class RelaxConfig:
     tol: float = 1e-3
     diverge_distance: float = 5.0
     remat: bool = False
+    grad_mode: str = "full"
+    remat_segment: int = 1
+    window: int = 10
+    adjoint_solver: str = "neumann"
+    adjoint_iters: int = 200
+    adjoint_tol: float = 1e-4
+    adjoint_damping: float = 0.0
+    adjoint_project_translations: bool = True
     skip_converged: bool = True
     dropout: bool = False
     fire: tuple[tuple[str, float], ...] = ()
@@ -359,6 +631,16 @@ class RelaxConfig:
             raise ValueError(f"unknown step_mode {self.step_mode!r}; expected fixed, learned or network")
         if self.max_frames < 1:
             raise ValueError("max_frames must be at least 1")
+        if self.grad_mode not in GRAD_MODES:
+            raise ValueError(f"unknown grad_mode {self.grad_mode!r}; expected one of {', '.join(GRAD_MODES)}")
+        if self.window < 1 or self.remat_segment < 0:
+            raise ValueError("window must be at least 1 and remat_segment at least 0")
+        self.adjoint  # validates the solver name
+
+    @property
+    def adjoint(self) -> AdjointConfig:
+        return AdjointConfig(self.adjoint_solver, self.adjoint_iters, self.adjoint_tol, self.adjoint_damping,
+                             self.adjoint_project_translations)
 
 
 def make_rule(config: RelaxConfig, force_fn: ForceFn, free_mask: Array,
@@ -373,8 +655,11 @@ def make_rule(config: RelaxConfig, force_fn: ForceFn, free_mask: Array,
 
 
 def run(config: RelaxConfig, rule: UpdateRule, positions: Array, free_mask: Array, *,
-        key: Optional[Array] = None, mode: str = "scan", record: bool = False) -> RolloutResult:
-    """:func:`rollout` with the stop rule and options of ``config``."""
+        key: Optional[Array] = None, mode: str = "scan", record: bool = False,
+        adjoint_probe: Optional[Array] = None, translation_modes: Optional[Array] = None) -> RolloutResult:
+    """:func:`rollout` with the stop rule, gradient mode and options of ``config``."""
     return rollout(rule, positions, free_mask, key=key, max_frames=config.max_frames, tol=config.tol,
                    diverge_distance=config.diverge_distance, mode=mode, remat=config.remat,
-                   skip_converged=config.skip_converged, record=record)
+                   skip_converged=config.skip_converged, record=record, grad_mode=config.grad_mode,
+                   segment=config.remat_segment, window=config.window, adjoint=config.adjoint,
+                   adjoint_probe=adjoint_probe, translation_modes=translation_modes)

@@ -1,0 +1,227 @@
+"""Gradient modes of the relaxation (full, remat, truncated, implicit, guided) and training through FIRE.
+
+Most checks use a small analytic potential with learnable parameters (tethers + pair springs), whose
+relaxation converges quickly and cleanly in float64, so the gradient modes can be compared tightly.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bptt_jax import relax as R
+from bptt_jax.bptt import BPTT
+from bptt_jax.models import build_model
+from bptt_jax.relax import RelaxConfig
+from bptt_jax.structures import Batch
+from conftest import rattled_si
+
+B, N = 2, 6
+PAIRS = [(i, j) for i in range(N) for j in range(i + 1, N)]
+I_IDX = np.array([p[0] for p in PAIRS])
+J_IDX = np.array([p[1] for p in PAIRS])
+
+
+def _flat(tree):
+    return jnp.concatenate([x.ravel() for x in jax.tree_util.tree_leaves(tree)])
+
+
+def _cos(a, b):
+    a, b = _flat(a), _flat(b)
+    return float(a @ b / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
+
+
+def _problem(seed=0, tether=True, box=None):
+    """Start positions, free mask, target and parameters of a learnable potential; float64."""
+    rng = np.random.default_rng(seed)
+    x0 = rng.normal(size=(B, N, 3)) if box is None else rng.uniform(0, box, size=(B, N, 3))
+    free = jnp.ones((B, N), bool)
+    if tether:
+        free = free.at[1, 0].set(False)
+    target = jnp.asarray(x0 + rng.normal(size=x0.shape) * 0.1)
+    theta = {"k": jnp.asarray((1 + rng.random(N)) if tether else np.zeros(N)),
+             "a": jnp.asarray(x0[0] + 0.3 * rng.normal(size=(N, 3))),
+             "s": jnp.asarray((0.1 if tether else 1.0) * (0.5 + rng.random(len(PAIRS)))),
+             "r0": jnp.asarray(1.0 + rng.random(len(PAIRS)))}
+    return jnp.asarray(x0), free, target, theta
+
+
+def _force_fn(theta, box=None):
+    def energy(x):
+        d = x[:, I_IDX] - x[:, J_IDX]
+        if box is not None:
+            d = d - box * jnp.round(d / box)
+        r = jnp.sqrt(jnp.sum(d * d, -1))
+        tether = 0.5 * jnp.sum(theta["k"] * jnp.sum((x - theta["a"]) ** 2, -1))
+        return tether + jnp.sum(theta["s"] * (r - theta["r0"]) ** 2)
+
+    return lambda x, key: -jax.grad(energy)(x)
+
+
+def _loss(theta, x0, free, target, grad_mode, box=None, eta=0.1, max_frames=300, tol=1e-8, **kw):
+    rule = R.descent(_force_fn(theta, box), eta, free)
+    res = R.rollout(rule, x0, free, max_frames=max_frames, tol=tol, grad_mode=grad_mode, **kw)
+    return jnp.sum(jnp.where(free[..., None], res.positions - target, 0.0) ** 2), res
+
+
+@pytest.fixture
+def converged_problem():
+    with jax.enable_x64(True):
+        x0, free, target, theta = _problem()
+        (_, res), g_full = jax.value_and_grad(_loss, has_aux=True)(theta, x0, free, target, "full")
+        assert bool(jnp.all(res.converged)), "the test problem must converge"
+        yield x0, free, target, theta, g_full, res
+
+
+@pytest.mark.parametrize("mode,kw", [("implicit", {}), ("implicit", {"adjoint": R.AdjointConfig(solver="gmres")}),
+                                     ("guided", {"window": 5})])
+def test_implicit_and_guided_match_full_bptt_on_a_converged_problem(converged_problem, mode, kw):
+    x0, free, target, theta, g_full, res_full = converged_problem
+    with jax.enable_x64(True):
+        (_, res), g = jax.value_and_grad(_loss, has_aux=True)(theta, x0, free, target, mode, **kw)
+        np.testing.assert_array_equal(np.asarray(res.frames), np.asarray(res_full.frames))
+        np.testing.assert_allclose(np.asarray(res.positions), np.asarray(res_full.positions), atol=1e-12)
+        assert _cos(g, g_full) > 0.999
+        rel = float(jnp.linalg.norm(_flat(g) - _flat(g_full)) / jnp.linalg.norm(_flat(g_full)))
+        assert rel < 1e-3, rel
+
+
+def test_truncated_gradient_is_exact_when_the_window_covers_the_relaxation(converged_problem):
+    x0, free, target, theta, g_full, res_full = converged_problem
+    with jax.enable_x64(True):
+        long = int(res_full.frames.max())
+        g = jax.grad(lambda t: _loss(t, x0, free, target, "truncated", window=long)[0])(theta)
+        np.testing.assert_allclose(_flat(g), _flat(g_full), rtol=1e-9, atol=1e-12)
+        # A short window is a different (biased) gradient, still pointing the same way on this problem.
+        g5 = jax.grad(lambda t: _loss(t, x0, free, target, "truncated", window=5)[0])(theta)
+        assert 0.5 < _cos(g5, g_full) < 1 - 1e-6
+
+
+@pytest.mark.parametrize("segment", [1, 0, 7])
+def test_remat_gradient_equals_full(converged_problem, segment):
+    x0, free, target, theta, g_full, res_full = converged_problem
+    with jax.enable_x64(True):
+        (_, res), g = jax.value_and_grad(_loss, has_aux=True)(theta, x0, free, target, "remat", segment=segment)
+        np.testing.assert_array_equal(np.asarray(res.frames), np.asarray(res_full.frames))
+        np.testing.assert_allclose(_flat(g), _flat(g_full), rtol=1e-10, atol=1e-13)
+
+
+def test_remat_segments_record_the_same_trajectory(converged_problem):
+    x0, free, target, theta, _, _ = converged_problem
+    with jax.enable_x64(True):
+        rule = R.descent(_force_fn(theta), 0.1, free)
+        full = R.rollout(rule, x0, free, max_frames=40, tol=1e-8, record=True)
+        seg = R.rollout(rule, x0, free, max_frames=40, tol=1e-8, record=True, grad_mode="remat", segment=7)
+        assert seg.trajectory.shape == full.trajectory.shape
+        np.testing.assert_allclose(np.asarray(seg.trajectory), np.asarray(full.trajectory), atol=1e-14)
+
+
+def test_adjoint_residual_is_reported(converged_problem):
+    x0, free, target, theta, _, _ = converged_problem
+    with jax.enable_x64(True):
+        probe = jnp.zeros(B)
+
+        def residual(cfg):
+            return jax.grad(lambda q: _loss(theta, x0, free, target, "implicit", adjoint=cfg,
+                                             adjoint_probe=q)[0])(probe)
+
+        good = residual(R.AdjointConfig(tol=1e-8, max_iters=1000))
+        bad = residual(R.AdjointConfig(max_iters=2))
+        assert float(good.max()) < 1e-7
+        assert float(bad.min()) > 1e-2
+
+
+def test_translation_zero_modes_are_projected():
+    """A translation-invariant potential (anharmonic springs on pair vectors, as in a periodic cell): any
+    translation of the fixed point is another one. Without the projection the Neumann adjoint cannot
+    converge; with it, the implicit gradient matches full BPTT."""
+    rng = np.random.default_rng(3)
+    with jax.enable_x64(True):
+        x0 = jnp.asarray(rng.normal(size=(B, N, 3)))
+        free = jnp.ones((B, N), bool)
+        target = x0 + 0.1 * jnp.asarray(rng.normal(size=x0.shape))
+        theta = {"c": jnp.asarray(rng.normal(size=(len(PAIRS), 3))), "s": jnp.asarray(0.5 + rng.random(len(PAIRS)))}
+
+        def force_fn(t):
+            def energy(x):
+                u = x[:, I_IDX] - x[:, J_IDX] - t["c"]
+                q = jnp.sum(u * u, -1)
+                return jnp.sum(t["s"] * (q + 0.02 * q * q))
+            return lambda x, key: -jax.grad(energy)(x)
+
+        def loss(t, mode, **kw):
+            res = R.rollout(R.descent(force_fn(t), 0.03, free), x0, free, max_frames=400, tol=1e-9,
+                            grad_mode=mode, **kw)
+            return jnp.sum((res.positions - target) ** 2), res
+
+        (_, res), g_full = jax.value_and_grad(loss, has_aux=True)(theta, "full")
+        assert bool(jnp.all(res.converged))
+        probe = jnp.zeros(B)
+        cfg = R.AdjointConfig(max_iters=500, tol=1e-8)
+
+        def implicit(modes):
+            return jax.grad(lambda t, q: loss(t, "implicit", adjoint=cfg, adjoint_probe=q,
+                                              translation_modes=modes)[0], argnums=(0, 1))(theta, probe)
+
+        g_proj, r_proj = implicit(jnp.ones(B, bool))
+        _, r_plain = implicit(None)
+        assert float(r_proj.max()) < 1e-7
+        assert float(r_plain.min()) > 1e-3
+        assert _cos(g_proj, g_full) > 0.999
+
+
+def test_fire_rollout_gradient_matches_finite_differences():
+    """Training through FIRE: its branches are jnp.where, so away from a switch the rollout is smooth."""
+    with jax.enable_x64(True):
+        x0, free, target, theta = _problem(seed=1)
+
+        def loss(t):
+            rule = R.fire(_force_fn(t), free, dt_start=0.05, max_step=0.1)
+            res = R.rollout(rule, x0, free, max_frames=25, tol=0.0)
+            return jnp.sum(jnp.where(free[..., None], res.positions - target, 0.0) ** 2)
+
+        g = jax.grad(loss)(theta)
+        eps = 1e-6
+        for name, idx in [("k", (2,)), ("a", (1, 0)), ("a", (4, 2)), ("s", (3,)), ("r0", (7,))]:
+            plus = dict(theta, **{name: theta[name].at[idx].add(eps)})
+            minus = dict(theta, **{name: theta[name].at[idx].add(-eps)})
+            fd = (loss(plus) - loss(minus)) / (2 * eps)
+            np.testing.assert_allclose(float(g[name][idx]), float(fd), rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("mode", R.GRAD_MODES)
+def test_bptt_train_step_in_every_mode(si_pairs, mode):
+    batch = Batch.from_structures([s for s, _ in si_pairs], [t for _, t in si_pairs], batch_size=4)
+    model = build_model("adapt", "tiny")
+    bptt = BPTT(model, RelaxConfig(step_size=0.01, step_mode="learned", max_frames=8, tol=1e-3, grad_mode=mode,
+                                   window=3, remat_segment=0))
+    state = bptt.init_state(bptt.init_params(jax.random.PRNGKey(0), batch), jax.random.PRNGKey(1))
+    state, metrics = bptt.train_step(state, batch)
+    state, metrics = bptt.train_step(state, batch)
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+    assert float(metrics["grad_norm"]) > 0
+    assert ("adjoint_residual" in metrics) == (mode in ("implicit", "guided"))
+    assert bptt.train_step._cache_size() == 1
+
+
+def test_bptt_fire_training_reduces_the_loss():
+    """Fine-tuning through FIRE (rule="fire") with the model's forces."""
+    pairs = [rattled_si(cubic=True, seed=s, sigma=0.08) for s in range(4)]
+    batch = Batch.from_structures([s for s, _ in pairs], [t for _, t in pairs], batch_size=4)
+    model = build_model("adapt", "tiny")
+    bptt = BPTT(model, RelaxConfig(rule="fire", step_mode="fixed", max_frames=10, tol=1e-4))
+    from bptt_jax.bptt import OptimConfig
+    bptt = BPTT(model, bptt.relax, OptimConfig(learning_rate=3e-3))
+    state = bptt.init_state(bptt.init_params(jax.random.PRNGKey(0), batch), jax.random.PRNGKey(1))
+    losses = []
+    for _ in range(15):
+        state, m = bptt.train_step(state, batch)
+        losses.append(float(m["loss"]))
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_relax_config_rejects_unknown_grad_mode():
+    with pytest.raises(ValueError, match="grad_mode"):
+        RelaxConfig(grad_mode="adjointish")
+    with pytest.raises(ValueError, match="solver"):
+        RelaxConfig(adjoint_solver="cg")
