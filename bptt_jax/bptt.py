@@ -96,6 +96,8 @@ class BPTT:
             object.__setattr__(self, "step_head", StepHead(init_step=self.relax.step_size))
         # Jitted entry points; the instance is captured by closure, so each shape compiles once.
         object.__setattr__(self, "train_step", jax.jit(self._train_step))
+        object.__setattr__(self, "_train_step_frames", jax.jit(self._train_step, static_argnames=("n_frames",)))
+        object.__setattr__(self, "_frames_needed", jax.jit(self._needed))
         object.__setattr__(self, "relax_batch", jax.jit(self._relax_batch, static_argnames=("mode", "record")))
         object.__setattr__(self, "evaluate", jax.jit(self._evaluate))
 
@@ -140,9 +142,8 @@ class BPTT:
             return self.model.apply(params["model"], batch)
         return self.model.apply(params["model"], batch, deterministic=False, rngs={"dropout": key})
 
-    def rollout(self, params: Params, batch: Batch, key: Optional[Array] = None, *, mode: str = "scan",
-                record: bool = False, adjoint_probe: Optional[Array] = None) -> RolloutResult:
-        """Relax ``batch`` with the model (traceable; differentiable in scan mode per ``relax.grad_mode``)."""
+    def update_rule(self, params: Params, batch: Batch) -> relax_lib.UpdateRule:
+        """The ``(init_fn, step_fn)`` rule that relaxes ``batch``: model forces and the configured step size."""
         use_dropout = self.relax.dropout
 
         def force_fn(R, k):
@@ -159,8 +160,17 @@ class BPTT:
                                                 rngs={"dropout": k})
                 return self.step_head.apply(params["step_head"], b, F)
 
-        rule = relax_lib.make_rule(self.relax, force_fn, batch.free_mask, step_size)
-        return relax_lib.run(self.relax, rule, batch.positions, batch.free_mask, key=key, mode=mode,
+        return relax_lib.make_rule(self.relax, force_fn, batch.free_mask, step_size)
+
+    def rollout(self, params: Params, batch: Batch, key: Optional[Array] = None, *, mode: str = "scan",
+                record: bool = False, adjoint_probe: Optional[Array] = None,
+                max_frames: Optional[int] = None) -> RolloutResult:
+        """Relax ``batch`` with the model (traceable; differentiable in scan mode per ``relax.grad_mode``).
+
+        ``max_frames`` (static) overrides ``relax.max_frames`` for this call."""
+        rule = self.update_rule(params, batch)
+        config = self.relax if max_frames is None else dataclasses.replace(self.relax, max_frames=max_frames)
+        return relax_lib.run(config, rule, batch.positions, batch.free_mask, key=key, mode=mode,
                              record=record, adjoint_probe=adjoint_probe,
                              translation_modes=~jnp.any(batch.fixed_mask & batch.atom_mask, axis=-1))
 
@@ -176,13 +186,13 @@ class BPTT:
         return self.relax.grad_mode in ("implicit", "guided")
 
     def loss(self, params: Params, batch: Batch, key: Optional[Array] = None,
-             ref_params: Optional[Params] = None,
-             adjoint_probe: Optional[Array] = None) -> tuple[Array, dict[str, Array]]:
+             ref_params: Optional[Params] = None, adjoint_probe: Optional[Array] = None,
+             max_frames: Optional[int] = None) -> tuple[Array, dict[str, Array]]:
         """Mean structural loss of the relaxed batch (+ proximal term) and per-structure diagnostics.
 
         ``adjoint_probe``: (B,) zeros whose gradient is the per-structure adjoint residual (implicit/guided).
         """
-        result = self.rollout(params, batch, key, mode="scan", adjoint_probe=adjoint_probe)
+        result = self.rollout(params, batch, key, mode="scan", adjoint_probe=adjoint_probe, max_frames=max_frames)
         per_structure = structure_loss(self.optim.loss, result.positions, batch)
         smask = batch.structure_mask
         loss = masked_mean(per_structure, smask)
@@ -193,17 +203,40 @@ class BPTT:
                "converged": result.converged, "diverged": result.diverged}
         return total, aux
 
-    def _train_step(self, state: TrainState, batch: Batch,
-                    ref_params: Optional[Params] = None) -> tuple[TrainState, dict[str, Array]]:
+    def fit_step(self, state: TrainState, batch: Batch,
+                 ref_params: Optional[Params] = None) -> tuple[TrainState, dict[str, Array]]:
+        """``train_step`` that does not pay for frames after the batch has converged (host-level call).
+
+        With ``relax.length_quantum = q > 0`` and gradient mode ``full`` or ``remat``, a cheap early-exit forward
+        pass (same parameters and PRNG key as the step) finds the frames the batch needs; the differentiated
+        scan then runs that many frames rounded up to a multiple of q (at most ``max_frames``), so memory and
+        backward time follow the batch rather than the budget. One compilation per (size bucket, length).
+        The other gradient modes stop early by construction and go straight to ``train_step``.
+        """
+        q = self.relax.length_quantum
+        if q <= 0 or self.relax.grad_mode not in ("full", "remat"):
+            return self.train_step(state, batch, ref_params)
+        _, key = jax.random.split(state.rng)
+        needed = int(self._frames_needed(state.params, batch, key))
+        length = min(self.relax.max_frames, max(q, -(-needed // q) * q))
+        return self._train_step_frames(state, batch, ref_params, n_frames=length)
+
+    def _needed(self, params: Params, batch: Batch, key: Array) -> Array:
+        use_key = key if (self.relax.dropout or self.relax.noise) else None
+        return jnp.max(self.rollout(params, batch, use_key, mode="while").frames)
+
+    def _train_step(self, state: TrainState, batch: Batch, ref_params: Optional[Params] = None,
+                    n_frames: Optional[int] = None) -> tuple[TrainState, dict[str, Array]]:
         rng, key = jax.random.split(state.rng)
         residual = None
         if self.uses_adjoint:
             probe = jnp.zeros(batch.positions.shape[:1], batch.positions.dtype)
             (total, aux), (grads, residual) = jax.value_and_grad(
-                lambda p, q: self.loss(p, batch, key, ref_params, q), argnums=(0, 1), has_aux=True)(
+                lambda p, q: self.loss(p, batch, key, ref_params, q, n_frames), argnums=(0, 1), has_aux=True)(
                 state.params, probe)
         else:
-            (total, aux), grads = jax.value_and_grad(self.loss, has_aux=True)(state.params, batch, key, ref_params)
+            (total, aux), grads = jax.value_and_grad(self.loss, has_aux=True)(state.params, batch, key, ref_params,
+                                                                              None, n_frames)
         updates, opt_state = make_optimizer(self.optim).update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         smask = batch.structure_mask

@@ -16,13 +16,14 @@ import math
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bptt_jax import parallel
 from bptt_jax.bptt import BPTT, OptimConfig
 from bptt_jax.data.trajectory import SkipLog, Trajectory, filter_usable, split
 from bptt_jax.losses import force_l2, force_mse, masked_mean
@@ -67,6 +68,7 @@ class ModelConfig:
     preset: Optional[str] = "small_geo"
     overrides: dict = dataclasses.field(default_factory=dict)
     init_from: Optional[str] = None  # a run directory or checkpoint directory with pretrained params
+    matmul_dtype: str = "float32"  # float32 | bfloat16 (matrix products in bf16, float32 parameters; accelerators)
 
 
 @dataclasses.dataclass
@@ -92,8 +94,29 @@ class FinetuneConfig:
     clip_norm: float = 1.0
     prox_weight: float = 0.0
     step_mode: str = "learned"  # fixed | learned | network
+    rule: str = "descent"  # descent | fire: the relaxation trained through
     step_size: Optional[float] = None  # None: start from the best constant step of the grid
     warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine (decays to final_lr_fraction · learning_rate at the last step)
+    final_lr_fraction: float = 0.05
+
+    def __post_init__(self):
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"finetune.schedule must be constant or cosine, not {self.schedule!r}")
+        if self.rule not in ("descent", "fire"):
+            raise ValueError(f"finetune.rule must be descent or fire, not {self.rule!r}")
+
+
+def lr_schedule(ft: FinetuneConfig, steps_per_epoch: int) -> Union[float, optax.Schedule]:
+    """The BPTT learning rate: constant (optionally with linear warm-up) or warm-up + cosine decay."""
+    if ft.schedule == "cosine":
+        total = max(ft.epochs * steps_per_epoch, ft.warmup_steps + 1)
+        return optax.warmup_cosine_decay_schedule(
+            init_value=0.0 if ft.warmup_steps else ft.learning_rate, peak_value=ft.learning_rate,
+            warmup_steps=ft.warmup_steps, decay_steps=total, end_value=ft.learning_rate * ft.final_lr_fraction)
+    if ft.warmup_steps:
+        return optax.linear_schedule(0.0, ft.learning_rate, ft.warmup_steps)
+    return ft.learning_rate
 
 
 @dataclasses.dataclass
@@ -116,6 +139,7 @@ class RunConfig:
     resume: bool = False
     progress: bool = True
     plots: bool = True
+    distributed: parallel.DistributedConfig = dataclasses.field(default_factory=parallel.DistributedConfig)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -403,6 +427,7 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     """Run every stage and write the run directory; returns the results dictionary."""
     from tqdm.auto import tqdm
 
+    parallel.initialize(cfg.distributed)  # multi-host: before any JAX computation (no-op unless enabled)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run_config.json").write_text(json.dumps(_jsonable(cfg), indent=1))
@@ -428,7 +453,10 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
              len(train_trajs), len(test_trajs), len(frames), skipped.total)
 
     relax_cfg = dataclasses.replace(cfg.relax, max_frames=cfg.data.max_frames)
-    model = build_model(cfg.model.name, cfg.model.preset, **cfg.model.overrides)
+    model_kw = dict(cfg.model.overrides)
+    if cfg.model.matmul_dtype != "float32":
+        model_kw.setdefault("matmul_dtype", cfg.model.matmul_dtype)
+    model = build_model(cfg.model.name, cfg.model.preset, **model_kw)
     key = jax.random.PRNGKey(cfg.seed)
     sample = test_batches[0][1]
 
@@ -479,9 +507,12 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     t = time.time()
     ft = cfg.finetune
     eta0 = best_eta if ft.step_size is None else ft.step_size
-    schedule = (optax.linear_schedule(0.0, ft.learning_rate, ft.warmup_steps) if ft.warmup_steps else
-                ft.learning_rate)
-    bptt = BPTT(model, dataclasses.replace(relax_cfg, step_mode=ft.step_mode, step_size=eta0, rule="descent"),
+    steps_per_epoch = len(batch_plan([len(s) for s, _ in train_items], ft.batch_size, buckets,
+                                     np.random.default_rng(0)))
+    schedule = lr_schedule(ft, steps_per_epoch)
+    # FIRE has no step size to learn: its own time step adapts.
+    step_mode = "fixed" if ft.rule == "fire" else ft.step_mode
+    bptt = BPTT(model, dataclasses.replace(relax_cfg, step_mode=step_mode, step_size=eta0, rule=ft.rule),
                 OptimConfig(learning_rate=schedule, clip_norm=ft.clip_norm, loss=loss_kind,
                             prox_weight=ft.prox_weight))
     params0 = bptt.with_model_params(model_params, jax.random.fold_in(key, 1), sample)
@@ -496,6 +527,14 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
         state = restored["state"]
         metrics_rows = meta.get("metrics", [])
         log.info("resumed BPTT from epoch %d", start_epoch)
+    # Data parallel over all devices when there are several: state replicated, batches split (the
+    # one-device path is unchanged). Evaluation and everything after the loop use a local copy.
+    train_step, mesh = bptt.fit_step, None
+    if jax.device_count() > 1:
+        mesh = parallel.data_mesh()
+        train_step = parallel.shard_train_step(bptt, mesh)
+        state, ref_params = parallel.replicate((state, ref_params), mesh)
+        log.info("BPTT data parallel over %d devices (%d processes)", mesh.size, jax.process_count())
     epoch_eval = bptt  # test Dq each epoch with the model's own (possibly learned) step
     data_rng = np.random.default_rng(cfg.seed + 1)
     for _ in range(start_epoch):  # replay the shuffles of finished epochs, so a resumed run matches
@@ -503,25 +542,39 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     bar = tqdm(range(start_epoch, ft.epochs), desc="BPTT", unit="epoch", disable=not cfg.progress)
     for epoch in bar:
         te = time.time()
-        losses, frames_used, diverged = [], [], 0
+        losses, frames_used, diverged, residuals = [], [], 0, []
         train_batches = relax_batches(train_items, ft.batch_size, buckets, data_rng)
         inner = tqdm(train_batches, desc=f"epoch {epoch + 1}", leave=False, disable=not cfg.progress)
         for _, batch in inner:
-            state, m = bptt.train_step(state, batch, ref_params)
+            if mesh is not None:
+                batch = parallel.shard_batch(batch, mesh, process_local=False)
+            state, m = train_step(state, batch, ref_params)
             losses.append(float(m["loss"]))
             frames_used.append(float(m["frames"]))
             diverged += int(m["diverged"])
+            if "adjoint_residual" in m:
+                residuals.append(float(m["adjoint_residual"]))
             inner.set_postfix(loss=f"{losses[-1]:.3f}")
-        test = evaluate_relaxation(epoch_eval, state.params, test_batches, len(test_items))
+        test = evaluate_relaxation(epoch_eval, state.params if mesh is None else parallel.unreplicate(state.params),
+                                   test_batches, len(test_items))
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "test_loss": test.avg,
                "train_frames": float(np.mean(frames_used)), "train_diverged": diverged,
                "test_diverged": test.diverged, "seconds": round(time.time() - te, 2)}
         if bptt.step_size(state.params) is not None:
             row["step_size"] = float(bptt.step_size(state.params))
+        if residuals:
+            row["adjoint_residual_max"] = max(residuals)
+            row["adjoint_unconverged"] = sum(r > relax_cfg.adjoint_tol for r in residuals)
+            if row["adjoint_unconverged"]:
+                log.warning("epoch %d: the adjoint solve missed adjoint_tol=%g in %d of %d steps (worst residual "
+                            "%.3g); raise relax.adjoint_iters or try relax.adjoint_solver=gmres", epoch + 1,
+                            relax_cfg.adjoint_tol, row["adjoint_unconverged"], len(residuals), max(residuals))
         metrics_rows.append(row)
         bar.set_postfix(train=f"{row['train_loss']:.3f}", test=f"{test.avg:.3f}")
         save_checkpoint(ft_dir, epoch + 1, {"state": state},
                         {"epoch": epoch + 1, "metrics": metrics_rows})
+    if mesh is not None:
+        state = parallel.unreplicate(state)
     wall["bptt"] = time.time() - t
 
     # 5. Evaluation -----------------------------------------------------------------------------------
@@ -556,6 +609,10 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
         "skipped": {"total": skipped.total, "by_reason": dict(skipped.counts), "examples": skipped.messages[:5]},
         "step_size_initial": eta0,
         "step_size_final": float(step_final) if step_final is not None else None,
+        "grad_mode": relax_cfg.grad_mode,
+        "finetune_rule": ft.rule,
+        "seconds_per_bptt_step": (float(np.mean([r["seconds"] for r in metrics_rows])) / max(steps_per_epoch, 1)
+                                  if metrics_rows else None),
         "pretrain_epochs": len(pretrain_history),
         "wall_s": {k: round(v, 2) for k, v in wall.items()},
         "per_structure": {"initial": initial.tolist(), "constant_step": grid[best_eta].per_structure.tolist(),

@@ -596,6 +596,8 @@ class RelaxConfig:
       window: frames unrolled with gradients in ``"truncated"`` and ``"guided"`` modes.
       adjoint_solver, adjoint_iters, adjoint_tol, adjoint_damping, adjoint_project_translations: the
         adjoint solve of ``"implicit"`` and ``"guided"`` (see :class:`AdjointConfig`).
+      length_quantum: with ``BPTT.fit_step`` in full/remat mode, differentiate a scan only as long as the batch
+        needs (found by an early-exit forward pass), rounded up to a multiple of this (0 = always max_frames).
       skip_converged: skip frames once every structure in the batch is done.
       dropout: keep model dropout on inside rollouts.
       fire: keyword overrides for :func:`fire`.
@@ -620,6 +622,7 @@ class RelaxConfig:
     adjoint_tol: float = 1e-4
     adjoint_damping: float = 0.0
     adjoint_project_translations: bool = True
+    length_quantum: int = 0
     skip_converged: bool = True
     dropout: bool = False
     fire: tuple[tuple[str, float], ...] = ()

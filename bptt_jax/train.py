@@ -22,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from bptt_jax.parallel import DistributedConfig
 from bptt_jax.pipeline import (DataConfig, EvalConfig, FinetuneConfig, ModelConfig, PretrainConfig, RunConfig,
                                markdown_table, run_pipeline)
 from bptt_jax.relax import RelaxConfig
@@ -45,7 +46,8 @@ def config_from_hydra(cfg: DictConfig, run_dir: str) -> RunConfig:
     return RunConfig(data=DataConfig(**data), model=ModelConfig(**model), relax=relax_cfg,
                      pretrain=PretrainConfig(**c["pretrain"]), finetune=FinetuneConfig(**finetune),
                      eval=EvalConfig(**ev), seed=int(c["seed"]), run_dir=run_dir,
-                     resume=bool(c["train"]["resume"]), progress=bool(c["progress"]), plots=bool(c["plots"]))
+                     resume=bool(c["train"]["resume"]), progress=bool(c["progress"]), plots=bool(c["plots"]),
+                     distributed=DistributedConfig(**(c.get("distributed") or {})))
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -4,6 +4,8 @@ Most checks use a small analytic potential with learnable parameters (tethers + 
 relaxation converges quickly and cleanly in float64, so the gradient modes can be compared tightly.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -225,3 +227,28 @@ def test_relax_config_rejects_unknown_grad_mode():
         RelaxConfig(grad_mode="adjointish")
     with pytest.raises(ValueError, match="solver"):
         RelaxConfig(adjoint_solver="cg")
+
+
+def test_fit_step_scans_only_the_frames_needed(si_pairs):
+    """An adaptive-length step (early-exit probe, then a scan of the rounded-up length) takes the same step
+    as the full-length scan when the batch converges early."""
+    batch = Batch.from_structures([s for s, _ in si_pairs], [t for _, t in si_pairs], batch_size=4)
+    model = build_model("adapt", "tiny")
+    cfg = RelaxConfig(step_size=0.01, step_mode="learned", max_frames=40, tol=0.0, length_quantum=4)
+    probe = BPTT(model, cfg)
+    state = probe.init_state(probe.init_params(jax.random.PRNGKey(0), batch), jax.random.PRNGKey(1))
+    traj = np.asarray(probe.rollout(state.params, batch, record=True).trajectory)
+    free = np.asarray(batch.free_mask)
+    sq = np.sum(np.diff(traj, axis=0) ** 2, -1) * free  # (T-1, B, N)
+    moves = np.sqrt(sq.sum(-1) / np.maximum(free.sum(-1), 1))  # RMS over free atoms, as the stop rule
+    tol = float(moves[5:12, :3].max()) * 1.01  # every real structure stops somewhere before frame ~13
+    bptt = BPTT(model, dataclasses.replace(cfg, tol=tol))
+    needed = int(bptt._frames_needed(state.params, batch, jax.random.PRNGKey(2)))
+    assert needed < 36, "the test batch must converge well before max_frames"
+    s_full, m_full = bptt.train_step(state, batch)
+    s_fit, m_fit = bptt.fit_step(state, batch)
+    np.testing.assert_allclose(float(m_fit["loss"]), float(m_full["loss"]), rtol=1e-6)
+    np.testing.assert_array_equal(float(m_fit["frames"]), float(m_full["frames"]))
+    for a, b in zip(jax.tree_util.tree_leaves(s_fit.params), jax.tree_util.tree_leaves(s_full.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    assert bptt._train_step_frames._cache_size() == 1

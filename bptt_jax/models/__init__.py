@@ -27,6 +27,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "small_geo": dict(d_model=64, n_layers=2, n_heads=4, ffn_dim=128, coords="none", attn_bias="rbf",
                           force_head="vector", radial_channels=4, n_rbf=8, head_hidden=16, cutoff=5.0,
                           output_transform="expm1"),
+        # small_geo's encoder with an energy head: forces = -dE/dR (conservative, usable for MD; BPTT
+        # differentiates through the force gradient: double backprop).
+        "small_energy": dict(d_model=64, n_layers=2, n_heads=4, ffn_dim=128, coords="none", attn_bias="rbf",
+                             force_head="linear", radial_channels=4, n_rbf=8, cutoff=5.0, output_transform="none",
+                             energy_head=True),
         "bench": dict(d_model=128, n_layers=4, n_heads=4, ffn_dim=512),
         "tiny": dict(d_model=16, n_layers=1, n_heads=2, ffn_dim=32, species_dim=4),
     },

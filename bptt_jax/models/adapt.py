@@ -17,6 +17,18 @@ Geometry-aware options (all off by default, which is the paper's model):
 
 With ``coords="none"``, ``radial_channels > 0``, ``attn_bias="rbf"`` and ``force_head="vector"`` the model
 is permutation-, translation-, rotation- and periodic-image-equivariant (preset ``"small_geo"``).
+
+Conservative option ``energy_head=True`` (preset ``"small_energy"``): the encoder output is read out by a
+``Dense(1)`` to a per-atom energy (eV, zero on padding atoms), the structure's energy is their sum,
+``E(R) = Σ_i ε_i``, and the forces are ``F = −∂E/∂R``, taken inside the module call with the lifted
+:func:`flax.linen.grad` with respect to ``batch.positions``. The forces are then curl-free (a symmetric
+force Jacobian) and the tuned model stays a potential usable for MD; BPTT differentiates through that
+gradient (double backprop). :meth:`ADAPT.energy` returns ``E`` (``model.apply(variables, batch,
+method="energy")``). With rotation/translation-invariant inputs (``coords="none"`` plus the radial
+descriptor and/or ``attn_bias="rbf"``) ``E`` is invariant and periodic and ``F`` equivariant. The force
+options ``force_head`` and ``output_transform`` do not apply (combining them raises ``ValueError``);
+``force_scale`` scales ``E`` and hence ``F``. Forces on padding atoms are exactly zero; fixed atoms get
+their ``−∂E/∂R`` like any other atom (the relaxation keeps them in place).
 """
 
 from __future__ import annotations
@@ -27,7 +39,7 @@ import jax.numpy as jnp
 
 from bptt_jax.models.geometry import (AngularDescriptor, GeometricEncoderBlock, RadialDescriptor, VectorForceHead,
                                        pair_geometry)
-from bptt_jax.models.layers import MLP, AtomFeaturizer, EncoderBlock
+from bptt_jax.models.layers import MLP, AtomFeaturizer, EncoderBlock, compute_dtype
 from bptt_jax.structures import Batch, safe_norm
 
 Array = jax.Array
@@ -53,6 +65,11 @@ class ADAPT(nn.Module):
       output_transform: ``"none"`` or ``"expm1"``: per-atom force vectors ``u`` become
         ``u · expm1(|u|) / |u|`` (direction kept, magnitude ``e^|u| − 1``), so forces spanning orders of
         magnitude (0.01 to 100+ eV/Å at clashing atoms) are reachable with O(1) outputs.
+      energy_head: conservative model: per-atom energies from a ``Dense(1)`` readout, forces ``−∂E/∂R``
+        (see the module docstring); requires ``force_head="linear"`` and ``output_transform="none"``.
+      matmul_dtype: ``"float32"`` (default) or ``"bfloat16"``: matrix products of the embedding, encoder and
+        force heads in bfloat16 with float32 parameters (accelerators); the input features, pair geometry,
+        layer norms, softmax and the returned forces stay float32 (see :func:`compute_dtype`).
     """
 
     d_model: int = 256
@@ -76,10 +93,43 @@ class ADAPT(nn.Module):
     attn_window: bool = False
     force_scale: float = 1.0
     output_transform: str = "none"
+    energy_head: bool = False
+    matmul_dtype: str = "float32"
 
-    @nn.compact
     def __call__(self, batch: Batch, deterministic: bool = True) -> Array:
         """Forces (B, N, 3) in eV/Å at ``batch.positions`` (Å); zero on padding atoms."""
+        if not self.energy_head:
+            return self._run(batch, deterministic, "forces")
+
+        def total_energy(mdl: "ADAPT", positions: Array) -> Array:
+            return jnp.sum(mdl._run(batch.replace(positions=positions), deterministic, "energy"))
+
+        # Lifted grad: differentiates w.r.t. positions only; the parameters stay differentiable from outside
+        # (BPTT and force matching take gradients of these forces: double backprop).
+        (grad,) = nn.grad(total_energy, self, batch.positions)
+        return jnp.where(batch.atom_mask[..., None], -grad, 0.0)
+
+    def energy(self, batch: Batch, deterministic: bool = True) -> Array:
+        """(B,) total energies in eV at ``batch.positions`` (``energy_head=True`` only); 0 for empty
+        structures. Use as ``model.apply(variables, batch, method="energy")``."""
+        if not self.energy_head:
+            raise ValueError("ADAPT.energy needs energy_head=True (a force model has no energy)")
+        return self._run(batch, deterministic, "energy")
+
+    @nn.compact
+    def _run(self, batch: Batch, deterministic: bool, output: str) -> Array:
+        """The network: ``output="forces"`` (direct heads, (B, N, 3)) or ``"energy"`` ((B,) eV)."""
+        if self.energy_head:
+            if self.force_head != "linear" or self.output_transform != "none":
+                raise ValueError(
+                    "energy_head=True computes forces as -dE/dR; force_head and output_transform do not apply: "
+                    f"got force_head={self.force_head!r} (needs 'linear'), output_transform="
+                    f"{self.output_transform!r} (needs 'none')")
+            if self.coords == "none" and self.attn_bias == "none" and not (self.radial_channels > 0
+                                                                          or self.angular_channels > 0):
+                raise ValueError("energy_head=True with coords='none' needs a geometric input (attn_bias='rbf', "
+                                 "radial_channels > 0 or angular_channels > 0): the energy would not depend "
+                                 "on positions")
         if self.attn_bias not in ("none", "rbf"):
             raise ValueError(f"unknown attn_bias {self.attn_bias!r}; expected none or rbf")
         if self.force_head not in ("linear", "vector", "both"):
@@ -98,20 +148,28 @@ class ADAPT(nn.Module):
         if self.angular_channels > 0:
             angular = AngularDescriptor(self.angular_channels, name="angular")(geom, batch.numbers, self.cutoff)
             feats = jnp.concatenate([feats, angular.astype(feats.dtype)], axis=-1)
-        x = MLP((self.d_model, self.d_model, self.d_model), act=self.act, name="embed")(feats)
+        dt = compute_dtype(self.matmul_dtype)
+        x = MLP((self.d_model, self.d_model, self.d_model), act=self.act, dtype=dt, name="embed")(feats)
         mask = nn.make_attention_mask(batch.atom_mask, batch.atom_mask)
         for i in range(self.n_layers):
             if self.attn_bias == "rbf":
                 x = GeometricEncoderBlock(self.d_model, self.n_heads, self.ffn_dim, self.dropout, self.act,
-                                          self.attn_window, name=f"encoder_{i}")(x, geom, mask, deterministic)
+                                          self.attn_window, dtype=dt, name=f"encoder_{i}")(x, geom, mask, deterministic)
             else:
-                x = EncoderBlock(self.d_model, self.n_heads, self.ffn_dim, self.dropout, self.act,
+                x = EncoderBlock(self.d_model, self.n_heads, self.ffn_dim, self.dropout, self.act, dtype=dt,
                                  name=f"encoder_{i}")(x, mask, deterministic)
+        if output == "energy":
+            # Read out and summed in the positions' precision (also with matmul_dtype="bfloat16").
+            x = x.astype(batch.positions.dtype)
+            atom_energy = nn.Dense(1, name="energy_proj")(x)[..., 0] * batch.atom_mask  # (B, N) eV
+            return self.force_scale * jnp.sum(atom_energy, axis=-1)
         forces = 0.0
         if self.force_head in ("linear", "both"):
-            forces = nn.Dense(3, name="proj")(x)
+            forces = nn.Dense(3, dtype=dt, name="proj")(x)
         if self.force_head in ("vector", "both"):
-            forces = forces + VectorForceHead(self.head_hidden, name="vector_head")(x, geom)
+            forces = forces + VectorForceHead(self.head_hidden, dtype=dt, name="vector_head")(x, geom)
+        if dt is not None:
+            forces = forces.astype(batch.positions.dtype)
         if self.output_transform == "expm1":
             forces = forces * expm1_ratio(safe_norm(forces, axis=-1, keepdims=True))
         elif self.output_transform != "none":

@@ -11,7 +11,7 @@ Units: positions, displacements, distances and cutoffs in Å; forces in eV/Å.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -175,7 +175,8 @@ class GeometricEncoderBlock(nn.Module):
 
         logits_hij = q_hi · k_hj / √d_h + Σ_k W_hk rbf_k(d_ij)          (rbf already includes the cutoff)
 
-    Dense attention over all real atoms (key-padding mask), no graph.
+    Dense attention over all real atoms (key-padding mask), no graph. ``dtype``: computation dtype of the
+    matrix products (see :func:`~bptt_jax.models.layers.compute_dtype`); the softmax stays in float32.
     """
 
     d_model: int
@@ -184,6 +185,7 @@ class GeometricEncoderBlock(nn.Module):
     dropout: float = 0.0
     act: str = "gelu"
     window: bool = False
+    dtype: Optional[Any] = None
 
     @nn.compact
     def __call__(self, x: Array, geom: PairGeometry, mask: Array, deterministic: bool = True) -> Array:
@@ -192,21 +194,23 @@ class GeometricEncoderBlock(nn.Module):
         ``window=True`` adds ``log(cut(d_ij))`` (1 for i = j) to the logits: attention weights are
         ``∝ cut(d_ij) e^{logit}``, local and continuous as atoms cross the cutoff."""
         head_dim = self.d_model // self.n_heads
-        dense = lambda name: nn.DenseGeneral((self.n_heads, head_dim), name=name)  # noqa: E731
+        dense = lambda name: nn.DenseGeneral((self.n_heads, head_dim), dtype=self.dtype, name=name)  # noqa: E731
         q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)  # (B, N, H, dh)
-        bias = nn.Dense(self.n_heads, name="distance_bias")(geom.rbf)  # (B, N, N, H)
+        bias = nn.Dense(self.n_heads, dtype=self.dtype, name="distance_bias")(geom.rbf)  # (B, N, N, H)
         if self.window:
             n = geom.cut.shape[-1]
             w = jnp.where(jnp.eye(n, dtype=bool), 1.0, geom.cut)
             bias = bias + jnp.log(w + 1e-6)[..., None]
         bias = jnp.moveaxis(bias, -1, -3)  # (B, H, N, N)
+        low = {} if self.dtype is None else {"force_fp32_for_softmax": True}
         attn = nn.dot_product_attention(q, k, v, bias=bias, mask=mask, dropout_rate=self.dropout,
                                         deterministic=deterministic,
-                                        dropout_rng=None if deterministic else self.make_rng("dropout"))
-        attn = nn.DenseGeneral(self.d_model, axis=(-2, -1), name="out")(attn)
+                                        dropout_rng=None if deterministic else self.make_rng("dropout"), **low)
+        attn = nn.DenseGeneral(self.d_model, axis=(-2, -1), dtype=self.dtype, name="out")(attn)
         attn = nn.Dropout(self.dropout, deterministic=deterministic)(attn)
         h1 = nn.LayerNorm(name="ln_attn")(x + attn)
-        h2 = MLP((self.ffn_dim, self.d_model), act=self.act, name="ffn")(nn.LayerNorm(name="ln_ffn_in")(h1))
+        h2 = MLP((self.ffn_dim, self.d_model), act=self.act, dtype=self.dtype, name="ffn")(
+            nn.LayerNorm(name="ln_ffn_in")(h1))
         h2 = nn.Dropout(self.dropout, deterministic=deterministic)(h2)
         return nn.LayerNorm(name="ln_out")(h2 + h1)
 
@@ -218,16 +222,22 @@ class VectorForceHead(nn.Module):
 
     For rotation-invariant atom features ``h`` the forces rotate with the structure; they are translation
     invariant, periodic and permutation equivariant, and vanish beyond the cutoff. Returns (B, N, 3) eV/Å.
+    ``dtype``: computation dtype of the pair MLP (see :func:`~bptt_jax.models.layers.compute_dtype`); the
+    weights are cast back to the geometry's dtype before the sum over displacements.
     """
 
     hidden: int = 32
     act: str = "silu"
+    dtype: Optional[Any] = None
 
     @nn.compact
     def __call__(self, h: Array, geom: PairGeometry) -> Array:
-        a = nn.Dense(self.hidden, name="center")(h)  # (B, N, P)
-        b = nn.Dense(self.hidden, use_bias=False, name="neighbor")(h)
-        c = nn.Dense(self.hidden, use_bias=False, name="radial")(geom.rbf)  # (B, N, N, P)
+        a = nn.Dense(self.hidden, dtype=self.dtype, name="center")(h)  # (B, N, P)
+        b = nn.Dense(self.hidden, use_bias=False, dtype=self.dtype, name="neighbor")(h)
+        c = nn.Dense(self.hidden, use_bias=False, dtype=self.dtype, name="radial")(geom.rbf)  # (B, N, N, P)
         z = activation(self.act)(a[..., :, None, :] + b[..., None, :, :] + c)
-        w = nn.Dense(1, name="weight")(z)[..., 0] * geom.cut  # (B, N, N)
+        w = nn.Dense(1, dtype=self.dtype, name="weight")(z)[..., 0]
+        if self.dtype is not None:
+            w = w.astype(geom.cut.dtype)
+        w = w * geom.cut  # (B, N, N)
         return jnp.einsum("bij,bijx->bix", w, geom.vec)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -19,6 +19,25 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
     "silu": nn.silu,
     "tanh": jnp.tanh,
 }
+
+
+MATMUL_DTYPES: dict[str, Any] = {"float32": None, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(matmul_dtype: Optional[str]) -> Optional[Any]:
+    """The Flax ``dtype=`` of Dense/attention layers for a ``matmul_dtype`` setting.
+
+    ``"float32"`` (or None): None, Flax's default: layers compute in their inputs' and parameters' dtype
+    (float32; float64 under ``jax_enable_x64``), bit-identical to not having the option. ``"bfloat16"``:
+    matrix products (and their gradients) in bfloat16 with float32 parameters, float32 accumulation of
+    residuals, layer norms and softmax; meant for accelerators with bfloat16 units (TPU, recent GPUs).
+    """
+    if matmul_dtype is None:
+        return None
+    try:
+        return MATMUL_DTYPES[matmul_dtype]
+    except KeyError:
+        raise ValueError(f"unknown matmul_dtype {matmul_dtype!r}; choose from {sorted(MATMUL_DTYPES)}") from None
 
 
 def activation(name: str) -> Callable[[Array], Array]:
@@ -78,11 +97,12 @@ class MLP(nn.Module):
 
     features: tuple[int, ...]
     act: str = "gelu"
+    dtype: Optional[Any] = None  # computation dtype of the Dense layers (see compute_dtype)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         for i, f in enumerate(self.features):
-            x = nn.Dense(f, name=f"dense_{i}")(x)
+            x = nn.Dense(f, dtype=self.dtype, name=f"dense_{i}")(x)
             if i < len(self.features) - 1:
                 x = activation(self.act)(x)
         return x
@@ -93,7 +113,9 @@ class EncoderBlock(nn.Module):
 
         H1 = LN(X + Attn(X));  H2 = FFN(LN(H1));  X_out = LN(H2 + H1)
 
-    with a key-padding mask and dropout after the attention and the FFN.
+    with a key-padding mask and dropout after the attention and the FFN. ``dtype``: computation dtype of
+    the attention and FFN matrix products (see :func:`compute_dtype`); layer norms and the softmax stay in
+    float32.
     """
 
     d_model: int
@@ -101,15 +123,18 @@ class EncoderBlock(nn.Module):
     ffn_dim: int
     dropout: float = 0.0
     act: str = "gelu"
+    dtype: Optional[Any] = None
 
     @nn.compact
     def __call__(self, x: Array, mask: Array, deterministic: bool = True) -> Array:
         """x: (B, N, d_model); mask: (B, 1, N, N) attention mask. Returns (B, N, d_model)."""
+        low = {} if self.dtype is None else {"dtype": self.dtype, "force_fp32_for_softmax": True}
         attn = nn.MultiHeadDotProductAttention(num_heads=self.n_heads, qkv_features=self.d_model,
                                                out_features=self.d_model, dropout_rate=self.dropout,
-                                               deterministic=deterministic, name="attn")(x, x, mask=mask)
+                                               deterministic=deterministic, name="attn", **low)(x, x, mask=mask)
         attn = nn.Dropout(self.dropout, deterministic=deterministic)(attn)
         h1 = nn.LayerNorm(name="ln_attn")(x + attn)
-        h2 = MLP((self.ffn_dim, self.d_model), act=self.act, name="ffn")(nn.LayerNorm(name="ln_ffn_in")(h1))
+        h2 = MLP((self.ffn_dim, self.d_model), act=self.act, dtype=self.dtype, name="ffn")(
+            nn.LayerNorm(name="ln_ffn_in")(h1))
         h2 = nn.Dropout(self.dropout, deterministic=deterministic)(h2)
         return nn.LayerNorm(name="ln_out")(h2 + h1)

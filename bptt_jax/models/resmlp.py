@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bptt_jax.models.layers import AtomFeaturizer, activation
+from bptt_jax.models.layers import AtomFeaturizer, activation, compute_dtype
 from bptt_jax.structures import Batch
 
 Array = jax.Array
@@ -24,6 +24,8 @@ class ResMLP(nn.Module):
       max_atoms: fixed input size in atoms (paper: 220); batches may be padded to at most this many.
       width: nodes per layer (paper: 4096). n_blocks: residual blocks (paper: 6).
       species: species input (default the fixed elemental descriptors; see :class:`AtomFeaturizer`).
+      matmul_dtype: ``"float32"`` (default) or ``"bfloat16"`` (Dense layers in bfloat16 with float32
+        parameters; layer norms and the returned forces stay float32; see :func:`compute_dtype`).
     """
 
     max_atoms: int = 220
@@ -36,6 +38,7 @@ class ResMLP(nn.Module):
     species_dim: int = 8
     coord_scale: float = 0.1
     fixed_flag: bool = True
+    matmul_dtype: str = "float32"
 
     @nn.compact
     def __call__(self, batch: Batch, deterministic: bool = True) -> Array:
@@ -49,9 +52,12 @@ class ResMLP(nn.Module):
         feats = feats * batch.atom_mask[..., None]
         feats = jnp.pad(feats, ((0, 0), (0, self.max_atoms - n), (0, 0)))
         h = feats.reshape(b, -1)
+        dt = compute_dtype(self.matmul_dtype)
         for i in range(self.n_blocks):
-            t = activation(self.act)(nn.Dense(self.width, name=f"W_{i}")(h))
+            t = activation(self.act)(nn.Dense(self.width, dtype=dt, name=f"W_{i}")(h))
             t = nn.Dropout(self.dropout, deterministic=deterministic)(t)
-            h = nn.LayerNorm(name=f"ln_{i}")(nn.Dense(self.width, use_bias=False, name=f"P_{i}")(t) + t)
-        y = nn.Dense(self.max_atoms * 3, use_bias=False, name="out")(h).reshape(b, self.max_atoms, 3)
+            h = nn.LayerNorm(name=f"ln_{i}")(nn.Dense(self.width, use_bias=False, dtype=dt, name=f"P_{i}")(t) + t)
+        y = nn.Dense(self.max_atoms * 3, use_bias=False, dtype=dt, name="out")(h).reshape(b, self.max_atoms, 3)
+        if dt is not None:
+            y = y.astype(batch.positions.dtype)
         return y[:, :n] * batch.atom_mask[..., None]

@@ -1,0 +1,219 @@
+"""Data parallelism with ``jax.sharding``: one mesh axis ``"data"`` over every device, batch split along it.
+
+Single host, several devices (GPUs, TPU cores, or ``--xla_force_host_platform_device_count`` CPU devices)::
+
+    mesh = data_mesh()                                  # all devices, axis "data"
+    step = shard_train_step(bptt, mesh)                 # jit with state replicated, batch split
+    state = replicate(state, mesh)
+    state, metrics = step(state, shard_batch(batch, mesh), None)
+
+:meth:`BPTT.loss <bptt_jax.bptt.BPTT.loss>` is a masked mean over the *global* batch, so jitting the
+unchanged train step with these shardings makes XLA insert the all-reduces: the gradients, the update and
+the metrics are exactly those of one device on the same batch (up to floating-point summation order).
+
+Several hosts (processes): every process calls :func:`initialize` first (``jax.distributed.initialize``;
+on CPU the cross-process collectives are gloo's, selected with ``jax_cpu_collectives_implementation``),
+then builds the same mesh over the *global* devices. A process either holds only its own part of the
+global batch (``shard_batch(local_part, mesh)``) or the same whole batch as every other process
+(``shard_batch(batch, mesh, process_local=False)``, what the pipeline does).
+
+Batches are padded to a multiple of the device count with empty structures (no real atom; see
+:func:`pad_batch`), which every loss and metric already masks out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from bptt_jax.structures import Batch
+
+log = logging.getLogger("bptt_jax")
+
+DATA_AXIS = "data"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Multi-host initialisation
+
+
+@dataclasses.dataclass
+class DistributedConfig:
+    """``jax.distributed`` settings (config node ``distributed``).
+
+    Attributes:
+      enabled: call ``jax.distributed.initialize`` at the start of a run.
+      coordinator_address: ``host:port`` of process 0 (None: auto-detected on TPU pods, Slurm, Open MPI).
+      num_processes: number of processes (None: auto-detected).
+      process_id: this process's index in ``0..num_processes-1`` (None: auto-detected).
+      local_device_ids: restrict this process to these local devices (GPUs); None = all.
+      cpu_collectives: cross-process collectives of the CPU backend, ``"gloo"`` (TCP, no extra
+        dependency) or ``"mpi"``; None leaves JAX's default. Ignored by GPU/TPU backends.
+      initialization_timeout: seconds to wait for every process to connect.
+    """
+
+    enabled: bool = False
+    coordinator_address: Optional[str] = None
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
+    local_device_ids: Optional[Sequence[int]] = None
+    cpu_collectives: Optional[str] = "gloo"
+    initialization_timeout: int = 300
+
+    def __post_init__(self):
+        if self.cpu_collectives not in (None, "gloo", "mpi"):
+            raise ValueError(f"distributed.cpu_collectives must be gloo, mpi or null, not {self.cpu_collectives!r}")
+        if self.local_device_ids is not None:
+            self.local_device_ids = [int(i) for i in self.local_device_ids]
+
+
+def initialize(cfg: DistributedConfig) -> bool:
+    """Join the multi-process JAX cluster described by ``cfg`` (a no-op unless ``cfg.enabled``).
+
+    Must run before any JAX computation in the process. Idempotent: a second call (or a cluster
+    initialised elsewhere) is left alone. Returns whether the distributed system is initialised.
+    """
+    if not cfg.enabled:
+        return jax.distributed.is_initialized()
+    if jax.distributed.is_initialized():
+        return True
+    if cfg.cpu_collectives is not None:
+        # Read when the CPU backend is created, i.e. after initialize(); without it a multi-process CPU
+        # computation has no cross-process collectives.
+        jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
+    jax.distributed.initialize(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
+                               process_id=cfg.process_id, local_device_ids=cfg.local_device_ids,
+                               initialization_timeout=cfg.initialization_timeout)
+    log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
+             jax.process_count(), jax.local_device_count(), jax.device_count())
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------
+# Mesh and shardings
+
+
+def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+    """A one-axis mesh ``("data",)`` over ``devices`` (default: every device of every process)."""
+    devices = list(jax.devices() if devices is None else devices)
+    if not devices:
+        raise ValueError("no devices for the data mesh")
+    auto = (jax.sharding.AxisType.Auto,)
+    try:
+        # Topology-aware device order (TPU rings); the plain order on CPU and GPU.
+        return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=auto, devices=devices)
+    except ValueError:  # e.g. multi-slice TPU topologies, which make_mesh does not take
+        return Mesh(np.asarray(devices, dtype=object), (DATA_AXIS,), axis_types=auto)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over the ``"data"`` axis, everything else whole."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A full copy on every device of ``mesh``."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def local_mesh_size(mesh: Mesh) -> int:
+    """How many of ``mesh``'s devices belong to this process."""
+    return sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batches
+
+
+def pad_batch(batch: Batch, multiple: int) -> Batch:
+    """``batch`` with empty structures appended until its size is a multiple of ``multiple``.
+
+    Padding structures look like :meth:`Batch.from_structures`'s: every array zero (no real atom, so
+    ``structure_mask`` is False), except an identity cell (invertible). The batch is returned unchanged
+    when no padding is needed.
+    """
+    if multiple < 1:
+        raise ValueError(f"pad multiple must be positive, got {multiple}")
+    b = batch.positions.shape[0]
+    extra = -b % multiple
+    if extra == 0:
+        return batch
+
+    def pad(name: str, x):
+        if x is None:
+            return None
+        if name == "cell":
+            fill = jnp.broadcast_to(jnp.eye(x.shape[-1], dtype=x.dtype), (extra,) + x.shape[1:])
+        else:
+            fill = jnp.zeros((extra,) + x.shape[1:], x.dtype)
+        return jnp.concatenate([jnp.asarray(x), fill], axis=0)
+
+    return batch.replace(**{f.name: pad(f.name, getattr(batch, f.name)) for f in dataclasses.fields(batch)})
+
+
+def shard_batch(batch: Batch, mesh: Mesh, *, process_local: bool = True) -> Batch:
+    """Put a host batch onto ``mesh``, split along the batch axis (padded with empty structures first).
+
+    Args:
+      batch: with one process, the whole batch. With several, ``process_local=True``: this process's part
+        of the global batch (every process passes the same size; the global batch is the processes'
+        parts in process order); ``process_local=False``: the whole global batch, the same on every
+        process (each process transfers only the slices of its own devices).
+      mesh: from :func:`data_mesh`.
+
+    Returns:
+      A :class:`Batch` of global ``jax.Array`` s sharded with :func:`batch_sharding`.
+    """
+    sharding = batch_sharding(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(pad_batch(batch, mesh.size), sharding)
+    if process_local:
+        batch = pad_batch(batch, local_mesh_size(mesh))
+        return jax.tree_util.tree_map(
+            lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+    batch = pad_batch(batch, mesh.size)
+    return jax.tree_util.tree_map(lambda x: _from_global_host_value(np.asarray(x), sharding), batch)
+
+
+def _from_global_host_value(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Copy a pytree of arrays (the same on every process) to every device of ``mesh``."""
+    sharding = replicated(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+    return jax.tree_util.tree_map(lambda x: _from_global_host_value(np.asarray(x), sharding), tree)
+
+
+def unreplicate(tree: Any) -> Any:
+    """One local copy of replicated arrays (on this process's first device of each), for host-side work
+    such as single-device evaluation; other leaves pass through."""
+    return jax.tree_util.tree_map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, tree)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The sharded train step
+
+
+def shard_train_step(bptt, mesh: Mesh) -> Callable:
+    """``bptt``'s train step jitted for ``mesh``: ``step(state, batch, ref_params) -> (state, metrics)``.
+
+    ``state`` and ``ref_params`` (may be None) are replicated, ``batch`` is split along ``"data"`` (use
+    :func:`shard_batch`; its size must be a multiple of ``mesh.size``); the returned state and metrics are
+    replicated. The step is :class:`~bptt_jax.bptt.BPTT`'s own (same loss, same optimiser); XLA adds the
+    cross-device reductions of the batch mean.
+    """
+    rep, data = replicated(mesh), batch_sharding(mesh)
+    return jax.jit(bptt._train_step, in_shardings=(rep, data, rep), out_shardings=(rep, rep))
+
+
+__all__ = ["DATA_AXIS", "DistributedConfig", "batch_sharding", "data_mesh", "initialize", "local_mesh_size",
+           "pad_batch", "replicate", "replicated", "shard_batch", "shard_train_step", "unreplicate"]

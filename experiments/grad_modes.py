@@ -1,0 +1,308 @@
+"""Gradient-mode study on Si defects: cost, agreement with full BPTT, and fine-tuned quality.
+
+Three parts, each appending JSON lines under ``results/grad_modes/`` and a report ``results/grad_modes.md``:
+
+``cost``     peak RSS and seconds per BPTT step for every gradient mode at 25/75/200 frames and 64/216 atoms
+             (rattled diamond-Si cells, the default ``small_geo`` ADAPT, ``tol=0`` so that every mode runs
+             exactly the stated number of frames; each measurement in its own process).
+``cosine``   cosine similarity of each mode's gradient to ``full`` on test structures that converge within the
+             frame budget under the pretrained model (per batch, then averaged).
+``quality``  fine-tunes the same pretrained model in each mode (and through FIRE) with the training CLI and
+             reads the test Avg Dq and the number of test structures ending in the right basin
+             (final Dq < ``--basin`` √amu·Å) from each run's ``results.json``.
+
+    python -m experiments.grad_modes cost
+    python -m experiments.grad_modes cosine --pretrained runs/large
+    python -m experiments.grad_modes quality --pretrained runs/large
+    python -m experiments.grad_modes report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "results" / "grad_modes"
+MODES = ("full", "remat", "truncated", "implicit", "guided")
+WINDOW = 10
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# cost
+
+
+def cost_child(mode: str, frames: int, atoms: int, batch: int, repeats: int) -> dict:
+    """One measurement (runs in a fresh process so that ru_maxrss is this configuration's peak)."""
+    import jax
+    import numpy as np
+    from ase.build import bulk
+
+    from bptt_jax.bptt import BPTT
+    from bptt_jax.models import build_model
+    from bptt_jax.relax import RelaxConfig
+    from bptt_jax.structures import Batch, Structure
+
+    reps = {64: 2, 216: 3}[atoms]
+    rng = np.random.default_rng(0)
+    structs, targets = [], []
+    for _ in range(batch):
+        a = bulk("Si", "diamond", a=5.431, cubic=True).repeat(reps)
+        targets.append(a.positions.copy())
+        a.positions += rng.normal(0, 0.05, a.positions.shape)
+        structs.append(Structure.from_atoms(a))
+    b = Batch.from_structures(structs, targets, batch_size=batch)
+    model = build_model("adapt", "small_geo")
+    relax = RelaxConfig(step_size=0.005, step_mode="learned", max_frames=frames, tol=0.0, skip_converged=False,
+                        grad_mode=mode, window=WINDOW, remat_segment=0 if mode == "remat" else 1)
+    bptt = BPTT(model, relax)
+    state = bptt.init_state(bptt.init_params(jax.random.PRNGKey(0), b), jax.random.PRNGKey(1))
+    base_rss = _rss_mb()
+    t0 = time.perf_counter()
+    state, m = bptt.train_step(state, b)
+    jax.block_until_ready(m["loss"])
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        state, m = bptt.train_step(state, b)
+        jax.block_until_ready(m["loss"])
+        times.append(time.perf_counter() - t0)
+    sec = statistics.median(times)
+    return {"part": "cost", "mode": mode, "frames": frames, "atoms": atoms, "batch": batch,
+            "seconds_per_step": sec, "frames_per_s": frames * batch / sec, "first_step_s": compile_s,
+            "peak_rss_mb": _rss_mb(), "base_rss_mb": base_rss, "repeats": repeats,
+            "window": WINDOW if mode in ("truncated", "guided") else None,
+            "adjoint_residual": float(m["adjoint_residual"]) if "adjoint_residual" in m else None}
+
+
+def run_cost(args) -> None:
+    out = OUT / "cost.jsonl"
+    OUT.mkdir(parents=True, exist_ok=True)
+    for atoms in args.atoms:
+        for frames in args.frames:
+            for mode in args.modes:
+                repeats = 3 if frames * atoms <= 75 * 64 else 2
+                cmd = [sys.executable, "-m", "experiments.grad_modes", "_cost_child", mode, str(frames), str(atoms),
+                       str(args.batch), str(repeats)]
+                proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    row = {"part": "cost", "mode": mode, "frames": frames, "atoms": atoms, "batch": args.batch,
+                           "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
+                else:
+                    row = json.loads(proc.stdout.strip().splitlines()[-1])
+                print(json.dumps(row), flush=True)
+                with out.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------
+# cosine
+
+
+def run_cosine(args) -> None:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from bptt_jax.bptt import BPTT
+    from bptt_jax.data.trajectory import SkipLog, split
+    from bptt_jax.models import build_model
+    from bptt_jax.pipeline import DataConfig, load_trajectories, relax_batches, relaxation_items, restore_checkpoint
+    from bptt_jax.relax import RelaxConfig
+
+    run = Path(args.pretrained)
+    meta = json.loads((run / "results.json").read_text())
+    data = DataConfig(name="si_defects", n=240, cache_dir=str(ROOT / "data"), n_test=100)
+    trajs = load_trajectories(data, SkipLog(), progress=False)
+    _, test = split(trajs, data.n_test)
+    items = relaxation_items(test)
+    model = build_model("adapt", "small_geo")
+    batches = relax_batches(items, 8, data.buckets)
+    sample = batches[0][1]
+    params, _, _ = restore_checkpoint(run / "checkpoints" / "pretrained", model.init(jax.random.PRNGKey(0), sample))
+    eta = float(meta["constant_step_best"])
+    base = RelaxConfig(step_size=eta, step_mode="learned", max_frames=75, tol=1e-3)
+    p = {"model": params, "step_size": jnp.asarray(eta, jnp.float32)}
+
+    # Keep the structures that converge under the pretrained model, re-batched by size.
+    probe = BPTT(model, base)
+    keep = []
+    for idx, b in batches:
+        res = probe.relax_batch(p, b)
+        keep += [i for k, i in enumerate(idx) if bool(res.converged[k])]
+    conv_items = [items[i] for i in keep]
+    conv_batches = relax_batches(conv_items, 8, data.buckets)
+    print(f"{len(keep)} of {len(items)} test structures converge within 75 frames", flush=True)
+
+    def flat(tree):
+        return jnp.concatenate([x.ravel() for x in jax.tree_util.tree_leaves(tree)])
+
+    grads: dict[str, list] = {}
+    for mode in MODES:
+        bp = BPTT(model, RelaxConfig(step_size=eta, step_mode="learned", max_frames=75, tol=1e-3, grad_mode=mode,
+                                     window=WINDOW, remat_segment=0))
+        fn = jax.jit(jax.grad(lambda q, b: bp.loss(q, b)[0]))
+        grads[mode] = [flat(fn(p, b)) for _, b in conv_batches]
+    rows = []
+    for mode in MODES:
+        cos = [float(g @ f / (jnp.linalg.norm(g) * jnp.linalg.norm(f))) for g, f in zip(grads[mode], grads["full"])]
+        rel = [float(jnp.linalg.norm(g - f) / jnp.linalg.norm(f)) for g, f in zip(grads[mode], grads["full"])]
+        row = {"part": "cosine", "mode": mode, "cosine_mean": float(np.mean(cos)), "cosine_min": float(np.min(cos)),
+               "rel_error_mean": float(np.mean(rel)), "batches": len(cos), "structures": len(keep),
+               "window": WINDOW if mode in ("truncated", "guided") else None}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    with (OUT / "cosine.jsonl").open("a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------
+# quality
+
+
+def run_quality(args) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    eta = args.eta
+    if eta is None:
+        eta = float(json.loads((Path(args.pretrained) / "results.json").read_text())["constant_step_best"])
+    variants = [(m, [f"relax.grad_mode={m}"]) for m in args.modes]
+    if args.fire:
+        variants.append(("full+fire", ["relax.grad_mode=full", "finetune.rule=fire"]))
+    for name, extra in variants:
+        run_dir = ROOT / "runs" / "grad_modes" / name
+        cmd = [sys.executable, "-m", "bptt_jax.train", f"model.init_from={Path(args.pretrained).resolve()}",
+               f"eval.step_grid=[{eta}]", "eval.fire=false", "progress=false", "plots=false",
+               f"finetune.epochs={args.epochs}", f"relax.window={WINDOW}", "relax.remat_segment=0",
+               f"hydra.run.dir={run_dir}", *extra]
+        t0 = time.time()
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            row = {"part": "quality", "mode": name, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+        else:
+            res = json.loads((run_dir / "results.json").read_text())
+            per = res["per_structure"]
+            row = {"part": "quality", "mode": name, "avg_dq": res["avg_dq"]["bptt"],
+                   "constant_step": res["avg_dq"]["constant_step"], "initial": res["avg_dq"]["initial"],
+                   "reduction_pct": res["reduction_pct"], "basin_threshold": args.basin,
+                   "in_basin": int(sum(v < args.basin for v in per["bptt"])),
+                   "in_basin_constant_step": int(sum(v < args.basin for v in per["constant_step"])),
+                   "n_test": res["n_test"], "bptt_s": res["wall_s"]["bptt"],
+                   "seconds_per_bptt_step": res.get("seconds_per_bptt_step"), "epochs": args.epochs,
+                   "diverged": res["diverged"]["bptt"], "step_size_final": res["step_size_final"],
+                   "wall_s": round(time.time() - t0, 1)}
+        print(json.dumps(row), flush=True)
+        with (OUT / "quality.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------
+# report
+
+
+def _latest(path: Path, key) -> dict:
+    rows = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            rows[key(r)] = r
+    return rows
+
+
+def run_report(args) -> None:
+    cost = _latest(OUT / "cost.jsonl", lambda r: (r["atoms"], r["frames"], r["mode"]))
+    cosine = _latest(OUT / "cosine.jsonl", lambda r: r["mode"])
+    quality = _latest(OUT / "quality.jsonl", lambda r: r["mode"])
+    lines = ["# Gradient modes on Si defects", "",
+             "Produced by `python -m experiments.grad_modes {cost,cosine,quality,report}` "
+             "(see the module docstring). 2 CPU cores; ADAPT `small_geo`; window = "
+             f"{WINDOW} frames for truncated/guided; remat = √n checkpointing; implicit/guided: Neumann adjoint, "
+             "200 iterations max, tol 1e-4.", ""]
+    if cost:
+        lines += ["## Cost per BPTT step (batch of 4 rattled Si cells, tol = 0 so every mode runs all frames)", "",
+                  "| atoms | frames | mode | s / step | frames/s | peak RSS (MB) | first step (s) |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for (atoms, frames, mode), r in sorted(cost.items(), key=lambda kv: (kv[0][0], kv[0][1],
+                                                                               MODES.index(kv[0][2]))):
+            if "error" in r:
+                lines.append(f"| {atoms} | {frames} | {mode} | failed: {r['error'][:60]} | | | |")
+            else:
+                lines.append(f"| {atoms} | {frames} | {mode} | {r['seconds_per_step']:.2f} | {r['frames_per_s']:.0f} "
+                             f"| {r['peak_rss_mb']:.0f} | {r['first_step_s']:.1f} |")
+        lines.append("")
+    if cosine:
+        r0 = next(iter(cosine.values()))
+        lines += [f"## Agreement with full BPTT ({r0['structures']} converged test structures, {r0['batches']} batches)",
+                  "", "| mode | mean cosine | min cosine | mean relative error |", "| --- | --- | --- | --- |"]
+        for mode in MODES:
+            if mode in cosine:
+                r = cosine[mode]
+                lines.append(f"| {mode} | {r['cosine_mean']:.4f} | {r['cosine_min']:.4f} | {r['rel_error_mean']:.3f} |")
+        lines.append("")
+    if quality:
+        r0 = next((r for r in quality.values() if "avg_dq" in r), None)
+        if r0:
+            lines += [f"## Fine-tuned quality ({r0['epochs']} epochs from the same pretrained model; test set of "
+                      f"{r0['n_test']}; unrelaxed Avg Dq {r0['initial']:.2f}; best constant step "
+                      f"{r0['constant_step']:.2f}, {r0['in_basin_constant_step']} in basin)", "",
+                      f"| mode | test Avg Dq | reduction vs constant step | in basin (Dq < {r0['basin_threshold']}) "
+                      "| s / BPTT step | BPTT stage (s) |", "| --- | --- | --- | --- | --- | --- |"]
+            for mode, r in quality.items():
+                if "error" in r:
+                    lines.append(f"| {mode} | failed: {r['error'][:60]} | | | | |")
+                else:
+                    sps = r.get("seconds_per_bptt_step")
+                    lines.append(f"| {mode} | {r['avg_dq']:.3f} | {r['reduction_pct']:.1f}% | {r['in_basin']} "
+                                 f"| {sps:.2f} | {r['bptt_s']:.0f} |" if sps is not None else
+                                 f"| {mode} | {r['avg_dq']:.3f} | {r['reduction_pct']:.1f}% | {r['in_basin']} | | "
+                                 f"{r['bptt_s']:.0f} |")
+            lines.append("")
+    (ROOT / "results").mkdir(exist_ok=True)
+    (ROOT / "results" / "grad_modes.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_cost_child":
+        mode, frames, atoms, batch, repeats = argv[1], *map(int, argv[2:6])
+        print(json.dumps(cost_child(mode, frames, atoms, batch, repeats)))
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("cost")
+    c.add_argument("--modes", nargs="+", default=list(MODES))
+    c.add_argument("--frames", nargs="+", type=int, default=[25, 75, 200])
+    c.add_argument("--atoms", nargs="+", type=int, default=[64, 216], choices=[64, 216])
+    c.add_argument("--batch", type=int, default=4)
+    s = sub.add_parser("cosine")
+    s.add_argument("--pretrained", required=True, help="a run directory with checkpoints/pretrained")
+    q = sub.add_parser("quality")
+    q.add_argument("--pretrained", required=True)
+    q.add_argument("--modes", nargs="+", default=list(MODES))
+    q.add_argument("--epochs", type=int, default=5)
+    q.add_argument("--basin", type=float, default=1.5)
+    q.add_argument("--fire", action=argparse.BooleanOptionalAction, default=True)
+    q.add_argument("--eta", type=float, default=None,
+                   help="initial step size (default: the pretrained run's best constant step)")
+    sub.add_parser("report")
+    args = ap.parse_args(argv)
+    os.chdir(ROOT)
+    {"cost": run_cost, "cosine": run_cosine, "quality": run_quality, "report": run_report}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()

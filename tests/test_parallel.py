@@ -1,0 +1,274 @@
+"""Data parallelism (jax.sharding over a "data" mesh axis), multi-process runs and the bfloat16 matmul option.
+
+The multi-device checks run in subprocesses: the CPU device count (``XLA_FLAGS``) and ``jax.distributed`` are
+fixed when JAX starts, so they cannot be changed inside the pytest process.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bptt_jax import parallel
+from bptt_jax.bptt import BPTT
+from bptt_jax.models import build_model
+from bptt_jax.relax import RelaxConfig
+from bptt_jax.structures import Batch
+from conftest import rattled_si
+
+KEY = jax.random.PRNGKey(0)
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+
+def _env(**extra):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(ROOT), str(TESTS)]))
+    env.pop("XLA_FLAGS", None)
+    env.update(extra)
+    return env
+
+
+def _batch(seeds):
+    pairs = [rattled_si(seed=s) for s in seeds]
+    return Batch.from_structures([s for s, _ in pairs], [t for _, t in pairs])
+
+
+# Shared by the subprocesses: a tiny ADAPT, 4 two-atom Si cells, 3 relaxation frames.
+SETUP = """
+import jax, jax.numpy as jnp, numpy as np
+from bptt_jax import parallel
+from bptt_jax.bptt import BPTT
+from bptt_jax.models import build_model
+from bptt_jax.relax import RelaxConfig
+from bptt_jax.structures import Batch
+from conftest import rattled_si
+
+def make_batch(seeds):
+    pairs = [rattled_si(seed=s) for s in seeds]
+    return Batch.from_structures([s for s, _ in pairs], [t for _, t in pairs])
+
+bptt = BPTT(build_model("adapt", "tiny"), RelaxConfig(step_size=0.05, step_mode="learned", max_frames=3))
+key = jax.random.PRNGKey(0)
+full = make_batch(range(4))
+params = bptt.init_params(key, full)
+state = bptt.init_state(params, key)
+"""
+
+TWO_DEVICES = SETUP + """
+import time
+assert jax.device_count() == 2, jax.devices()
+mesh = parallel.data_mesh()
+rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+
+# The batch really is split: two shards of two structures, one per device.
+sharded = parallel.shard_batch(full, mesh)
+shards = sharded.positions.addressable_shards
+assert len(shards) == 2 and {s.device for s in shards} == set(jax.devices()), shards
+assert all(s.data.shape == (2, 8, 3) for s in shards), [s.data.shape for s in shards]
+assert sharded.atom_mask.sharding.spec == jax.sharding.PartitionSpec("data")
+
+# A batch that does not divide by the device count is padded with an empty structure.
+odd = parallel.shard_batch(make_batch(range(3)), mesh)
+assert odd.positions.shape[0] == 4 and np.asarray(odd.structure_mask).tolist() == [True, True, True, False]
+assert np.allclose(np.asarray(odd.cell[3]), np.eye(3))
+
+# Gradients of the loss: one device vs the 2-device mesh.
+grad_fn = jax.value_and_grad(lambda p, b: bptt.loss(p, b, None)[0])
+grad_one = jax.jit(grad_fn)
+grad_two = jax.jit(grad_fn, in_shardings=(rep, data), out_shardings=rep)
+loss1, g1 = grad_one(params, full)
+loss2, g2 = grad_two(params, sharded)
+np.testing.assert_allclose(float(loss2), float(loss1), rtol=1e-6)
+assert g1["step_size"].sharding.device_set == {jax.devices()[0]} and g2["step_size"].sharding.is_fully_replicated
+for path, a in jax.tree_util.tree_leaves_with_path(g1):
+    b = g2
+    for k in path:
+        b = b[k.key]
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7,
+                               err_msg=jax.tree_util.keystr(path))
+assert float(jnp.abs(g1["model"]["params"]["proj"]["kernel"]).sum()) > 0
+
+# One sharded train step = the optimiser applied to the one-device gradients.
+import optax
+from bptt_jax.bptt import make_optimizer
+updates, _ = make_optimizer(bptt.optim).update(g1, state.opt_state, params)
+p1 = optax.apply_updates(params, updates)
+step = parallel.shard_train_step(bptt, mesh)
+s2, m2 = step(parallel.replicate(state, mesh), sharded, None)
+assert s2.params["step_size"].sharding.is_fully_replicated and int(s2.step) == 1
+np.testing.assert_allclose(float(m2["loss"]), float(loss1), rtol=1e-5)
+np.testing.assert_allclose(float(m2["grad_norm"]), float(optax.tree.norm(g1)), rtol=1e-5)
+jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7),
+                       p1, s2.params)
+# Compiled gradient time: one device vs two (a tiny problem: the collectives cost more than they save).
+for name, fn, b in (("one", grad_one, full), ("two", grad_two, sharded)):
+    jax.block_until_ready(fn(params, b))
+    t = time.time()
+    for _ in range(5):
+        jax.block_until_ready(fn(params, b))
+    print(f"TIME {name} device(s): {(time.time() - t) / 5 * 1e3:.2f} ms per gradient", flush=True)
+print("OK", flush=True)
+"""
+
+
+def test_sharded_train_step_matches_one_device():
+    r = subprocess.run([sys.executable, "-c", TWO_DEVICES], capture_output=True, text=True, cwd=TESTS,
+                       env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"), timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "OK" in r.stdout, r.stdout[-2000:]
+    print(r.stdout)
+
+
+WORKER = SETUP.replace("import jax, jax.numpy", """import sys
+from bptt_jax import parallel
+pid, port = int(sys.argv[1]), int(sys.argv[2])
+parallel.initialize(parallel.DistributedConfig(enabled=True, coordinator_address=f"localhost:{port}",
+                                               num_processes=2, process_id=pid, cpu_collectives="gloo",
+                                               initialization_timeout=120))
+assert parallel.initialize(parallel.DistributedConfig(enabled=True))  # idempotent
+import jax, jax.numpy""", 1) + """
+assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 2, 1)
+mesh = parallel.data_mesh()
+local = jax.tree_util.tree_map(lambda x: x[2 * pid:2 * pid + 2], full)  # this process's half of the batch
+new, m = parallel.shard_train_step(bptt, mesh)(parallel.replicate(state, mesh), parallel.shard_batch(local, mesh),
+                                                None)
+# The whole batch on one device (no collectives) as the reference.
+ref = float(jax.jit(lambda p, b: bptt.loss(p, b, None)[0])(params, full))
+step_size = float(parallel.unreplicate(new.params)["step_size"])
+print(f"RESULT {pid} {float(m['loss'])!r} {ref!r} {step_size!r}", flush=True)
+"""
+
+
+def _cpu_collectives_available() -> bool:
+    try:
+        from jax._src.lib import xla_client
+    except ImportError:
+        return False
+    return hasattr(xla_client._xla, "make_gloo_tcp_collectives")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_complete_a_training_step(tmp_path):
+    if not _cpu_collectives_available():
+        pytest.skip("this jaxlib has no gloo CPU collectives (cross-process CPU computations impossible)")
+    port = _free_port()
+    logs = [(tmp_path / f"p{i}.out").open("w+") for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(i), str(port)], cwd=TESTS, env=_env(),
+                              stdout=logs[i], stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        for p in procs:
+            p.wait(timeout=300)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    outs = []
+    for f in logs:
+        f.seek(0)
+        outs.append(f.read())
+        f.close()
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+    results = [[line.split() for line in out.splitlines() if line.startswith("RESULT")][0] for out in outs]
+    losses = [float(r[2]) for r in results]
+    assert np.isfinite(losses[0]) and losses[0] == losses[1], results
+    # The loss over the global batch equals the one-device loss on the whole batch; both processes end with
+    # the same (replicated) updated parameters.
+    assert losses[0] == pytest.approx(float(results[0][3]), rel=1e-5)
+    assert results[0][4] == results[1][4] and float(results[0][4]) != 0.05
+
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers that run in this process (one device)
+
+
+def test_pad_batch_adds_empty_structures():
+    batch = _batch(range(3))
+    padded = parallel.pad_batch(batch, 4)
+    assert padded.positions.shape == (4, 8, 3) and padded.target_positions.shape == (4, 8, 3)
+    assert padded.forces is None
+    assert np.asarray(padded.structure_mask).tolist() == [True, True, True, False]
+    np.testing.assert_array_equal(np.asarray(padded.cell[3]), np.eye(3))
+    assert parallel.pad_batch(batch, 3) is batch
+    # Padding is what Batch.from_structures does for a larger batch_size.
+    pairs = [rattled_si(seed=s) for s in range(3)]
+    ref = Batch.from_structures([s for s, _ in pairs], [t for _, t in pairs], batch_size=4)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), padded, ref)
+
+
+def test_one_device_mesh_and_config():
+    mesh = parallel.data_mesh(jax.devices()[:1])
+    assert mesh.axis_names == ("data",) and mesh.size == 1
+    b = parallel.shard_batch(_batch(range(2)), mesh)
+    assert b.positions.sharding.spec == jax.sharding.PartitionSpec("data")
+    assert not parallel.initialize(parallel.DistributedConfig())  # disabled: nothing happens
+    with pytest.raises(ValueError, match="cpu_collectives"):
+        parallel.DistributedConfig(cpu_collectives="nccl")
+
+
+# ---------------------------------------------------------------------------------------------------
+# bfloat16 matmuls
+
+
+GEO = dict(d_model=16, n_layers=1, n_heads=2, ffn_dim=32, species_dim=4)
+
+
+@pytest.mark.parametrize("name,preset,kw", [("adapt", "tiny", {}),
+                                            ("adapt", "small_geo", GEO),
+                                            ("resmlp", "tiny", {})])
+def test_bf16_matmuls_close_to_float32(name, preset, kw):
+    batch = _batch(range(3))
+    f32 = build_model(name, preset, **kw)
+    bf16 = build_model(name, preset, matmul_dtype="bfloat16", **kw)
+    params = f32.init(KEY, batch)
+    params_bf = bf16.init(KEY, batch)
+    # Same parameters (float32, same initialisation) with either setting.
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(params_bf)):
+        assert b.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    ref = np.asarray(jax.jit(f32.apply)(params, batch))
+    out = jax.jit(bf16.apply)(params, batch)
+    assert out.dtype == jnp.float32
+    out = np.asarray(out)
+    assert np.all(np.isfinite(out))
+    assert np.all(out[~np.asarray(batch.atom_mask)] == 0)
+    rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+    assert 0 < rel < 5e-2, rel  # bfloat16 has an 8-bit mantissa: ~1e-2 relative error, not 0
+    # The matrix products really are bfloat16 (and the default has none).
+    assert "bf16" in str(jax.make_jaxpr(bf16.apply)(params, batch))
+    assert "bf16" not in str(jax.make_jaxpr(f32.apply)(params, batch))
+
+
+def test_float32_setting_is_the_default_model():
+    batch = _batch(range(2))
+    model = build_model("adapt", "tiny")
+    explicit = build_model("adapt", "tiny", matmul_dtype="float32")
+    params = model.init(KEY, batch)
+    np.testing.assert_array_equal(np.asarray(model.apply(params, batch)), np.asarray(explicit.apply(params, batch)))
+    with pytest.raises(ValueError, match="matmul_dtype"):
+        build_model("adapt", "tiny", matmul_dtype="float16").init(KEY, batch)
+
+
+def test_bf16_train_step_keeps_float32_parameters():
+    batch = _batch(range(3))
+    bptt = BPTT(build_model("adapt", "tiny", matmul_dtype="bfloat16"),
+                RelaxConfig(step_size=0.05, step_mode="learned", max_frames=3))
+    state = bptt.init_state(bptt.init_params(KEY, batch), KEY)
+    new, metrics = bptt.train_step(state, batch)
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(new.params))
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+    ref = BPTT(build_model("adapt", "tiny"), bptt.relax)
+    loss32 = float(jax.jit(lambda p: ref.loss(p, batch)[0])(state.params))
+    assert float(metrics["loss"]) == pytest.approx(loss32, rel=5e-2)
