@@ -244,7 +244,7 @@ class AdjointConfig:
         atom (their fixed point is defined only up to a translation when the model is translation-invariant).
     """
 
-    solver: str = "neumann"
+    solver: str = "gmres"
     max_iters: int = 200
     tol: float = 1e-4
     damping: float = 0.0
@@ -380,8 +380,12 @@ def _forward_to_stop(frame, carry0, max_frames: int, window: int):
 
 
 def _adjoint_solve(vjp_x: Callable[[Array], Array], g: Array, free_mask: Array, translation: Array,
-                   config: AdjointConfig):
+                   valid: Array, config: AdjointConfig):
     """λ with ``λ = P g + (1 − δ) P Jᵀλ`` and the per-structure relative residual.
+
+    Only structures flagged ``valid`` (B,) (those that converged: the fixed-point assumption holds) are
+    solved; the others get λ = 0 and residual 0. A structure whose solve ends worse than λ = 0 (relative
+    residual ≥ 1, or non-finite: J is not contracting there) also gets λ = 0, and its residual is reported.
 
     P keeps free atoms and, for structures flagged in ``translation`` (B,), removes the mean over free atoms:
     when no atom is held fixed, a rigid translation of a translation-invariant model's fixed point is again a
@@ -398,7 +402,7 @@ def _adjoint_solve(vjp_x: Callable[[Array], Array], g: Array, free_mask: Array, 
         mean = jnp.sum(u, axis=1, keepdims=True) / n_free
         return jnp.where(free, u - jnp.where(shift, mean, 0.0), 0.0)
 
-    g = proj(g)
+    g = proj(jnp.where(valid[:, None, None], g, 0.0))
 
     def apply_jt(lam):
         return proj(decay * vjp_x(lam))
@@ -407,7 +411,9 @@ def _adjoint_solve(vjp_x: Callable[[Array], Array], g: Array, free_mask: Array, 
     if config.solver == "neumann":
         def cond(c):
             i, _, err = c
-            return (i < config.max_iters) & (jnp.max(err) > config.tol)
+            # Structures whose iteration blew up (non-finite) stop counting; the check below zeroes them.
+            worst = jnp.max(jnp.where(jnp.isfinite(err), err, 0.0))
+            return (i == 0) | ((i < config.max_iters) & (worst > config.tol))
 
         def body(c):
             i, lam, _ = c
@@ -420,36 +426,40 @@ def _adjoint_solve(vjp_x: Callable[[Array], Array], g: Array, free_mask: Array, 
         lam, _ = jax.scipy.sparse.linalg.gmres(lambda u: u - apply_jt(u), g, x0=g, tol=config.tol, atol=0.0,
                                                restart=restart, maxiter=max(1, config.max_iters // restart))
     residual = _per_structure_norm(g + apply_jt(lam) - lam) / g_norm
-    return lam, residual
+    residual = jnp.where(jnp.isfinite(residual), residual, jnp.inf)
+    ok = valid & (residual < 1.0)
+    lam = jnp.where(ok[:, None, None], lam, 0.0)
+    return lam, jnp.where(valid, residual, 0.0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _implicit_tail(phi, config, value, x_star, free, translation, probe, *consts):
+def _implicit_tail(phi, config, value, x_star, free, translation, valid, probe, *consts):
     """Returns ``value``; its cotangent goes to the parameters in ``consts`` through the implicit function
     theorem at the fixed point ``x_star = phi(x_star, *consts)``. ``probe``'s cotangent is the adjoint
     residual per structure (so callers can report a solve that did not converge)."""
-    del phi, config, x_star, free, translation, probe, consts
+    del phi, config, x_star, free, translation, valid, probe, consts
     return value
 
 
-def _implicit_tail_fwd(phi, config, value, x_star, free, translation, probe, *consts):
-    return value, (x_star, free, translation, probe, consts)
+def _implicit_tail_fwd(phi, config, value, x_star, free, translation, valid, probe, *consts):
+    return value, (x_star, free, translation, valid, probe, consts)
 
 
 def _implicit_tail_bwd(phi, config, res, g):
-    x_star, free, translation, probe, consts = res
+    x_star, free, translation, valid, probe, consts = res
     _, vjp_x = jax.vjp(lambda x: phi(x, *consts), x_star)
-    lam, residual = _adjoint_solve(lambda u: vjp_x(u)[0], g, free, translation, config)
+    lam, residual = _adjoint_solve(lambda u: vjp_x(u)[0], g, free, translation, valid, config)
     _, vjp_c = jax.vjp(lambda *c: phi(x_star, *c), *consts)
     d_consts = vjp_c(lam)
-    return (jnp.zeros_like(x_star), jnp.zeros_like(x_star), None, None, residual.astype(probe.dtype), *d_consts)
+    return (jnp.zeros_like(x_star), jnp.zeros_like(x_star), None, None, None, residual.astype(probe.dtype),
+            *d_consts)
 
 
 _implicit_tail.defvjp(_implicit_tail_fwd, _implicit_tail_bwd)
 
 
 def _attach_implicit(step_fn, final_state, value: Array, free_mask: Array, translation: Optional[Array],
-                     config: AdjointConfig, probe: Optional[Array]) -> Array:
+                     valid: Array, config: AdjointConfig, probe: Optional[Array]) -> Array:
     """``value`` carrying the implicit gradient of the fixed point of ``step_fn`` at ``final_state``."""
     x_star = jax.lax.stop_gradient(final_state.positions)
     frozen = jax.lax.stop_gradient(final_state)
@@ -466,7 +476,7 @@ def _attach_implicit(step_fn, final_state, value: Array, free_mask: Array, trans
         probe = jnp.zeros(x_star.shape[:1], x_star.dtype)
     if translation is None or not config.project_translations:
         translation = jnp.zeros(x_star.shape[:1], bool)
-    return _implicit_tail(phi_args, config, value, x_star, free_mask, translation, probe, *consts)
+    return _implicit_tail(phi_args, config, value, x_star, free_mask, translation, valid, probe, *consts)
 
 
 def rollout(
@@ -512,9 +522,11 @@ def rollout(
           last ``window`` frames only (re-run from the stored state ``window`` frames before its stop).
         - ``"implicit"``: the early-exit forward pass, and the gradient of the converged structure as a fixed
           point X* = frame(X*) by the implicit function theorem (see :class:`AdjointConfig`); memory is
-          independent of the number of frames.
+          independent of the number of frames. Structures that did not converge (frame budget or
+          divergence) contribute no gradient.
         - ``"guided"``: ``"truncated"`` plus the implicit gradient for the frames before the window (the
-          window's start state gets the sensitivity of the fixed point, linearised at the converged state).
+          window's start state gets the sensitivity of the fixed point, linearised at the converged state;
+          structures that did not converge keep the plain truncated gradient).
       segment: frames per checkpointed block in ``"remat"`` mode.
       window: frames unrolled with gradients in ``"truncated"`` and ``"guided"`` modes.
       adjoint: the adjoint solver of ``"implicit"`` and ``"guided"``.
@@ -560,13 +572,13 @@ def rollout(
     fwd, window_start = _forward_to_stop(frame, carry0, max_frames, k)
     if grad_mode == "implicit":
         state, _, frames, converged, diverged = fwd
-        positions = _attach_implicit(step_fn, state, state.positions, free_mask, translation_modes, adjoint,
-                                     adjoint_probe)
+        positions = _attach_implicit(step_fn, state, state.positions, free_mask, translation_modes, converged,
+                                     adjoint, adjoint_probe)
         return RolloutResult(positions, frames, converged, diverged, state.replace(positions=positions))
 
     if grad_mode == "guided":
-        tail = _attach_implicit(step_fn, fwd[0], window_start.positions, free_mask, translation_modes, adjoint,
-                                adjoint_probe)
+        tail = _attach_implicit(step_fn, fwd[0], window_start.positions, free_mask, translation_modes, fwd[3],
+                                adjoint, adjoint_probe)
         started = (fwd[2] >= k).reshape((-1, 1, 1))  # structures that stopped sooner re-run from the start
         window_start = window_start.replace(positions=jnp.where(started, tail, window_start.positions))
     frames0 = jnp.maximum(fwd[2] - k, 0)
@@ -617,7 +629,7 @@ class RelaxConfig:
     grad_mode: str = "full"
     remat_segment: int = 1
     window: int = 10
-    adjoint_solver: str = "neumann"
+    adjoint_solver: str = "gmres"
     adjoint_iters: int = 200
     adjoint_tol: float = 1e-4
     adjoint_damping: float = 0.0
