@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test run clean
+.PHONY: venv test run clean bench bench-quick bench-deps
 
 venv: $(STAMP)
 
@@ -20,6 +20,18 @@ test: $(STAMP)
 
 run: $(STAMP)
 	$(PY) -m bptt_jax.train
+
+# Benchmarks (benchmarks/NOTES.md): JSON lines + tables on stdout, results in benchmarks/results/.
+# The PyTorch reference needs the CPU build of torch==2.13.0 (extra `bench`); pass e.g. BENCH_ARGS="--only bptt_jax".
+BENCH_ARGS ?=
+bench-deps: $(STAMP)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
+
+bench: bench-deps
+	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+bench-quick: bench-deps
+	$(PY) -m benchmarks.run --quick $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -183,6 +183,8 @@ def run_quality(args) -> None:
     if args.fire:
         variants.append(("full+fire", ["relax.grad_mode=full", "finetune.rule=fire"]))
     for name, extra in variants:
+        name = name + args.tag
+        extra = [*extra, *args.set]
         run_dir = ROOT / "runs" / "grad_modes" / name
         cmd = [sys.executable, "-m", "bptt_jax.train", f"model.init_from={Path(args.pretrained).resolve()}",
                f"eval.step_grid=[{eta}]", "eval.fire=false", "progress=false", "plots=false",
@@ -300,6 +302,8 @@ def main(argv=None) -> None:
     q.add_argument("--epochs", type=int, default=5)
     q.add_argument("--basin", type=float, default=1.5)
     q.add_argument("--fire", action=argparse.BooleanOptionalAction, default=True)
+    q.add_argument("--set", nargs="*", default=[], help="extra CLI overrides for every variant")
+    q.add_argument("--tag", default="", help="suffix of the variant names (run directories and rows)")
     q.add_argument("--reuse", action="store_true", help="read variants whose run directory has results.json")
     q.add_argument("--eta", type=float, default=None,
                    help="initial step size (default: the pretrained run's best constant step)")
