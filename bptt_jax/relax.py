@@ -408,7 +408,7 @@ def _adjoint_solve(vjp_x: Callable[[Array], Array], g: Array, free_mask: Array, 
         return proj(decay * vjp_x(lam))
 
     g_norm = jnp.maximum(_per_structure_norm(g), jnp.finfo(g.dtype).tiny)
-    if config.solver == "neumann":
+    def neumann():
         def cond(c):
             i, _, err = c
             # Structures whose iteration blew up (non-finite) stop counting; the check below zeroes them.
@@ -420,11 +420,17 @@ def _adjoint_solve(vjp_x: Callable[[Array], Array], g: Array, free_mask: Array, 
             new = g + apply_jt(lam)
             return i + 1, new, _per_structure_norm(new - lam) / g_norm
 
-        _, lam, _ = jax.lax.while_loop(cond, body, (jnp.int32(0), g, jnp.full(g.shape[:1], jnp.inf, g.dtype)))
+        return jax.lax.while_loop(cond, body, (jnp.int32(0), g, jnp.full(g.shape[:1], jnp.inf, g.dtype)))[1]
+
+    if config.solver == "neumann":
+        lam = neumann()
     else:
         restart = min(20, config.max_iters)
         lam, _ = jax.scipy.sparse.linalg.gmres(lambda u: u - apply_jt(u), g, x0=g, tol=config.tol, atol=0.0,
                                                restart=restart, maxiter=max(1, config.max_iters // restart))
+        # GMRES works on the whole batch at once; a breakdown (e.g. a Krylov space exhausted early) can leave
+        # non-finite values everywhere. Then fall back to the per-structure-stable Neumann iteration.
+        lam = jax.lax.cond(jnp.all(jnp.isfinite(lam)), lambda: lam, neumann)
     residual = _per_structure_norm(g + apply_jt(lam) - lam) / g_norm
     residual = jnp.where(jnp.isfinite(residual), residual, jnp.inf)
     ok = valid & (residual < 1.0)

@@ -8,8 +8,9 @@ Three parts, each appending JSON lines under ``results/grad_modes/`` and a repor
 ``cosine``   cosine similarity of each mode's gradient to ``full`` on test structures that converge within the
              frame budget under the pretrained model (per batch, then averaged).
 ``quality``  fine-tunes the same pretrained model in each mode (and through FIRE) with the training CLI and
-             reads the test Avg Dq and the number of test structures ending in the right basin
-             (final Dq < ``--basin`` √amu·Å) from each run's ``results.json``.
+             reads the test Avg Dq and the number of test structures ending in the right basin (final
+             Dq < ``--basin`` √amu·Å, default 3: about 0.57 Å of total displacement in Si) from each run's
+             ``results.json``.
 
     python -m experiments.grad_modes cost
     python -m experiments.grad_modes cosine --pretrained runs/large
@@ -234,8 +235,14 @@ def run_report(args) -> None:
     lines = ["# Gradient modes on Si defects", "",
              "Produced by `python -m experiments.grad_modes {cost,cosine,quality,report}` "
              "(see the module docstring). 2 CPU cores; ADAPT `small_geo`; window = "
-             f"{WINDOW} frames for truncated/guided; remat = √n checkpointing; implicit/guided: Neumann adjoint, "
-             "200 iterations max, tol 1e-4.", ""]
+             f"{WINDOW} frames for truncated/guided; remat = √n checkpointing; implicit/guided: GMRES adjoint "
+             "(restart 20, at most 200 products, tol 1e-4) on converged structures only. Timings were taken with "
+             "other jobs on the machine (indicative only).", ""]
+    if not cost:
+        lines += ["## Cost per BPTT step", "",
+                  "Not measured here yet (`python -m experiments.grad_modes cost` needs a quiet machine). Per-mode "
+                  "time and peak RSS at B = 8, 75 frames, N = 64 / 216 (bench-size ADAPT) are in "
+                  "`benchmarks/NOTES.md` (`make bench`).", ""]
     if cost:
         lines += ["## Cost per BPTT step (batch of 4 rattled Si cells, tol = 0 so every mode runs all frames)", "",
                   "| atoms | frames | mode | s / step | frames/s | peak RSS (MB) | first step (s) |",
@@ -250,7 +257,8 @@ def run_report(args) -> None:
         lines.append("")
     if cosine:
         r0 = next(iter(cosine.values()))
-        lines += [f"## Agreement with full BPTT ({r0['structures']} converged test structures, {r0['batches']} batches)",
+        lines += [f"## Agreement with full BPTT ({r0['structures']} converged test structures, "
+                  f"{r0['batches']} batches, pretrained model)",
                   "", "| mode | mean cosine | min cosine | mean relative error |",
                   "| --- | --- | --- | --- |"]
         for mode in MODES:
@@ -300,7 +308,7 @@ def main(argv=None) -> None:
     q.add_argument("--pretrained", required=True)
     q.add_argument("--modes", nargs="+", default=list(MODES))
     q.add_argument("--epochs", type=int, default=5)
-    q.add_argument("--basin", type=float, default=1.5)
+    q.add_argument("--basin", type=float, default=3.0)
     q.add_argument("--fire", action=argparse.BooleanOptionalAction, default=True)
     q.add_argument("--set", nargs="*", default=[], help="extra CLI overrides for every variant")
     q.add_argument("--tag", default="", help="suffix of the variant names (run directories and rows)")

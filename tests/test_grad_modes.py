@@ -195,11 +195,13 @@ def test_fire_rollout_gradient_matches_finite_differences():
 def test_bptt_train_step_in_every_mode(si_pairs, mode):
     batch = Batch.from_structures([s for s, _ in si_pairs], [t for _, t in si_pairs], batch_size=4)
     model = build_model("adapt", "tiny")
-    bptt = BPTT(model, RelaxConfig(step_size=0.01, step_mode="learned", max_frames=8, tol=1e-3, grad_mode=mode,
+    # A loose tolerance so that structures converge within the budget (the implicit gradient needs that).
+    bptt = BPTT(model, RelaxConfig(step_size=0.01, step_mode="learned", max_frames=8, tol=0.05, grad_mode=mode,
                                    window=3, remat_segment=0))
     state = bptt.init_state(bptt.init_params(jax.random.PRNGKey(0), batch), jax.random.PRNGKey(1))
     state, metrics = bptt.train_step(state, batch)
     state, metrics = bptt.train_step(state, batch)
+    assert int(metrics["converged"]) > 0
     assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
     assert float(metrics["grad_norm"]) > 0
     assert ("adjoint_residual" in metrics) == (mode in ("implicit", "guided"))
