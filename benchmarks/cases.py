@@ -326,17 +326,22 @@ def _torch_setup(spec: dict):
     return torch, ta, model, batch, result
 
 
-def torch_rollout(spec: dict) -> dict:
-    torch, ta, model, batch, result = _torch_setup(spec)
-    bptt = ta.TorchBPTT(model, step_size=spec.get("step_size", 0.01), frames=spec["frames"])
+def _time_torch(result: dict, fn, repeats: int):
+    """Warm-up call (eager: nothing to compile), then the timed repeats; returns the warm-up's output."""
     result["baseline_rss_mb"] = rss_mb()
     t0 = time.perf_counter()
-    out = bptt.relax(batch)
+    out = fn()
     result["compile_s"] = 0.0
     result["warmup_s"] = time.perf_counter() - t0
     steady = reset_hwm()
-    times = timed(lambda: bptt.relax(batch), spec["repeats"])
-    _finish(result, times, steady)
+    _finish(result, timed(fn, repeats), steady)
+    return out
+
+
+def torch_rollout(spec: dict) -> dict:
+    torch, ta, model, batch, result = _torch_setup(spec)
+    bptt = ta.TorchBPTT(model, step_size=spec.get("step_size", 0.01), frames=spec["frames"])
+    out = _time_torch(result, lambda: bptt.relax(batch), spec["repeats"])
     result["final_mean_disp"] = float((out - batch.positions).norm(dim=-1).mean())
     return result
 
@@ -346,15 +351,7 @@ def torch_bptt(spec: dict) -> dict:
     if spec["mode"] != "full":
         raise ValueError("the PyTorch reference implements the full unroll only")
     bptt = ta.TorchBPTT(model, step_size=spec.get("step_size", 0.01), frames=spec["frames"])
-    result["baseline_rss_mb"] = rss_mb()
-    t0 = time.perf_counter()
-    metrics = bptt.train_step(batch)
-    result["compile_s"] = 0.0
-    result["warmup_s"] = time.perf_counter() - t0
-    steady = reset_hwm()
-    times = timed(lambda: bptt.train_step(batch), spec["repeats"])
-    _finish(result, times, steady)
-    result["metrics_first_step"] = metrics
+    result["metrics_first_step"] = _time_torch(result, lambda: bptt.train_step(batch), spec["repeats"])
     return result
 
 

@@ -28,8 +28,8 @@ draw from the key ``relax_batch`` would give the structure relaxed alone (see ``
 With ``relax.dropout`` the model's dropout key is one per batch, as in ``relax_batch``, so results then depend
 on the batch's composition.
 
-:func:`update_rule` builds the rule as :meth:`BPTT.rollout <bptt_jax.bptt.BPTT.rollout>` does; the tests
-check both give the same relaxation.
+The rule comes from :meth:`BPTT.update_rule <bptt_jax.bptt.BPTT.update_rule>`, the one
+:meth:`BPTT.rollout <bptt_jax.bptt.BPTT.rollout>` uses; the tests check both give the same relaxation.
 """
 
 from __future__ import annotations
@@ -127,11 +127,6 @@ def _select(mask: Array, new, old):
     return jax.tree_util.tree_map(sel, new, old)
 
 
-def update_rule(bptt: BPTT, params: Params, batch: Batch) -> relax_lib.UpdateRule:
-    """The update rule ``bptt.rollout`` relaxes ``batch`` with (model forces, the configured step size)."""
-    return bptt.update_rule(params, batch)
-
-
 class InFlightRelaxer:
     """The jitted refill-and-advance function of :func:`relax_many` for one :class:`BPTT`.
 
@@ -152,7 +147,7 @@ class InFlightRelaxer:
 
     def empty_slots(self, params: Params, batch: Batch) -> Slots:
         """Slots holding nothing (all done), with the pytree structure and shapes of ``batch``."""
-        shapes = jax.eval_shape(lambda b: update_rule(self.bptt, params, b).init_fn(b.positions), batch)
+        shapes = jax.eval_shape(lambda b: self.bptt.update_rule(params, b).init_fn(b.positions), batch)
         state = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         b = batch.positions.shape[0]
         empty = jax.tree_util.tree_map(jnp.zeros_like, batch)
@@ -163,7 +158,7 @@ class InFlightRelaxer:
                  want: Array):
         cfg = self.bptt.relax
         batch = _select(replace, fresh, slots.batch)
-        rule = update_rule(self.bptt, params, batch)
+        rule = self.bptt.update_rule(params, batch)
         free_mask = batch.free_mask
         free = free_mask[..., None]
         # Fresh state per replaced slot, exactly as init_fn gives it to a structure relaxed alone.

@@ -1,3 +1,5 @@
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from ase.build import bulk, molecule
@@ -25,3 +27,23 @@ def si_pairs():
 def water():
     atoms = molecule("H2O")
     return Structure.from_atoms(atoms)
+
+
+def to64(tree):
+    """A pytree with every leaf cast to float64 (inside ``jax.enable_x64``)."""
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), tree)
+
+
+def get_leaf(tree, path):
+    """The leaf of a nested dict at ``path``."""
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def set_leaf(tree, path, index, value):
+    """A copy of ``tree`` with element ``index`` of the leaf at ``path`` set to ``value``."""
+    tree = jax.tree_util.tree_map(lambda x: x, tree)  # copy the containers
+    parent = get_leaf(tree, path[:-1])
+    parent[path[-1]] = parent[path[-1]].at[index].set(value)
+    return tree

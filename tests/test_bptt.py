@@ -7,30 +7,13 @@ from bptt_jax.bptt import BPTT, OptimConfig, proximal_term
 from bptt_jax.models import ADAPT, build_model
 from bptt_jax.relax import RelaxConfig
 from bptt_jax.structures import Batch
-from conftest import rattled_si
+from conftest import get_leaf, rattled_si, set_leaf, to64
 
 KEY = jax.random.PRNGKey(0)
 
 
 def _batch(pairs, **kw):
     return Batch.from_structures([s for s, _ in pairs], [t for _, t in pairs], **kw)
-
-
-def _to64(tree):
-    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), tree)
-
-
-def _leaf(tree, path):
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
-def _set_leaf(tree, path, index, value):
-    tree = jax.tree_util.tree_map(lambda x: x, tree)  # copy the containers
-    parent = _leaf(tree, path[:-1])
-    parent[path[-1]] = parent[path[-1]].at[index].set(value)
-    return tree
 
 
 @pytest.mark.parametrize("tol", [0.0, "adaptive"])
@@ -41,12 +24,12 @@ def test_rollout_gradient_matches_float64_finite_differences(si_pairs, tol):
         if tol == "adaptive":
             # A tolerance that stops some structures early, so the masked stop is part of the check.
             probe = BPTT(model, RelaxConfig(step_size=0.02, step_mode="learned", max_frames=12, tol=0.0))
-            params = _to64(probe.init_params(KEY, batch))
+            params = to64(probe.init_params(KEY, batch))
             traj = probe.rollout(params, batch, record=True).trajectory
             moves = np.sqrt(np.mean(np.sum(np.diff(np.asarray(traj), axis=0) ** 2, -1), -1))  # (T-1, B)
             tol = float(moves[:, 1].min()) * 1.001  # structure 1 (no padding) stops where it moves least
         bptt = BPTT(model, RelaxConfig(step_size=0.02, step_mode="learned", max_frames=12, tol=tol))
-        params = _to64(bptt.init_params(KEY, batch))
+        params = to64(bptt.init_params(KEY, batch))
         loss_aux = jax.jit(lambda p: bptt.loss(p, batch))
         grads = jax.jit(jax.grad(lambda p: bptt.loss(p, batch)[0]))(params)
         frames = np.asarray(loss_aux(params)[1]["frames"])
@@ -61,14 +44,14 @@ def test_rollout_gradient_matches_float64_finite_differences(si_pairs, tol):
         ]
         eps = 1e-6
         for path, index in checks:
-            x = float(_leaf(params, path)[index])
-            up, aux_up = loss_aux(_set_leaf(params, path, index, x + eps))
-            down, aux_down = loss_aux(_set_leaf(params, path, index, x - eps))
+            x = float(get_leaf(params, path)[index])
+            up, aux_up = loss_aux(set_leaf(params, path, index, x + eps))
+            down, aux_down = loss_aux(set_leaf(params, path, index, x - eps))
             # The stop decisions did not change under the perturbation (so the difference is valid).
             np.testing.assert_array_equal(np.asarray(aux_up["frames"]), frames)
             np.testing.assert_array_equal(np.asarray(aux_down["frames"]), frames)
             fd = float(up - down) / (2 * eps)
-            ad = float(_leaf(grads, path)[index])
+            ad = float(get_leaf(grads, path)[index])
             assert ad == pytest.approx(fd, rel=1e-5, abs=1e-8), (path, ad, fd)
 
 

@@ -11,7 +11,7 @@ from bptt_jax.models import ADAPT, build_model
 from bptt_jax.pipeline import make_force_step
 from bptt_jax.relax import RelaxConfig
 from bptt_jax.structures import Batch, Structure
-from conftest import rattled_si
+from conftest import get_leaf, rattled_si, set_leaf, to64
 
 KEY = jax.random.PRNGKey(0)
 
@@ -26,10 +26,6 @@ def _model(**kw):
 
 def _batch(pairs, **kw):
     return Batch.from_structures([s for s, _ in pairs], [t for _, t in pairs], **kw)
-
-
-def _to64(tree):
-    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), tree)
 
 
 def _energy_fn(model, variables, batch):
@@ -133,19 +129,6 @@ def test_invariance_and_periodicity():
         np.testing.assert_allclose(np.asarray(apply(variables, rotated))[0], f0 @ q.T, rtol=0, atol=1e-6)
 
 
-def _leaf(tree, path):
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
-def _set_leaf(tree, path, index, value):
-    tree = jax.tree_util.tree_map(lambda x: x, tree)  # copy the containers
-    parent = _leaf(tree, path[:-1])
-    parent[path[-1]] = parent[path[-1]].at[index].set(value)
-    return tree
-
-
 def test_bptt_double_backprop(si_pairs):
     relax = RelaxConfig(max_frames=5, step_mode="learned", step_size=0.01, tol=0.0)
     batch = _batch(si_pairs, batch_size=4)
@@ -155,13 +138,13 @@ def test_bptt_double_backprop(si_pairs):
     assert np.isfinite(float(metrics["loss"])) and float(metrics["frames"]) == 5
     assert np.isfinite(float(metrics["grad_norm"])) and float(metrics["grad_norm"]) > 0
     kernel = ("params", "energy_proj", "kernel")
-    assert not np.allclose(np.asarray(_leaf(new.params["model"], kernel)),
-                           np.asarray(_leaf(state.params["model"], kernel)))
+    assert not np.allclose(np.asarray(get_leaf(new.params["model"], kernel)),
+                           np.asarray(get_leaf(state.params["model"], kernel)))
 
     with jax.enable_x64(True):
         batch = _batch(si_pairs, batch_size=4)
         bptt = BPTT(_model(), relax)
-        params = _to64(jax.jit(bptt.init_params)(KEY, batch))
+        params = to64(jax.jit(bptt.init_params)(KEY, batch))
         # One compiled function for the gradient and the differences (compiling dominates at this size).
         value_and_grad = jax.jit(jax.value_and_grad(lambda p: bptt.loss(p, batch)[0]))
         _, grads = value_and_grad(params)
@@ -170,10 +153,10 @@ def test_bptt_double_backprop(si_pairs):
         for path, index in [(("model", "params", "energy_proj", "kernel"), (3, 0)),
                             (("model", "params", "encoder_0", "distance_bias", "kernel"), (1, 0)),
                             (("step_size",), ())]:
-            x = float(_leaf(params, path)[index])
-            up, down = loss(_set_leaf(params, path, index, x + eps)), loss(_set_leaf(params, path, index, x - eps))
+            x = float(get_leaf(params, path)[index])
+            up, down = loss(set_leaf(params, path, index, x + eps)), loss(set_leaf(params, path, index, x - eps))
             fd = (up - down) / (2 * eps)
-            ad = float(_leaf(grads, path)[index])
+            ad = float(get_leaf(grads, path)[index])
             assert abs(ad) > 1e-8, path
             assert ad == pytest.approx(fd, rel=1e-5, abs=1e-9), (path, ad, fd)
 
