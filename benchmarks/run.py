@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from bptt_jax.runtime import CPU_XLA_FLAGS, add_xla_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 REQUIRED_KEYS = ("name", "impl", "mode", "batch", "atoms", "frames", "d_model", "layers", "seconds_per_step",
@@ -117,7 +119,8 @@ def _rss_mb(pid: int) -> Optional[float]:
     return None
 
 
-def run_case(spec: dict, timeout: float, max_rss_mb: Optional[float] = None) -> dict:
+def run_case(spec: dict, timeout: float, max_rss_mb: Optional[float] = None, xla_flags: str = "",
+             malloc_hugepages: bool = False) -> dict:
     """Run one case in a fresh interpreter; on failure return a row with ``error``.
 
     With ``max_rss_mb``, the child is killed as soon as its RSS exceeds it (a machine-wide guard: a full
@@ -125,6 +128,13 @@ def run_case(spec: dict, timeout: float, max_rss_mb: Optional[float] = None) -> 
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if xla_flags:
+        add_xla_flags(xla_flags.split(), env)
+    if malloc_hugepages:
+        # glibc backs large allocations with transparent huge pages: a full-unroll tape (GBs, allocated anew by
+        # every step) then costs a few thousand page faults per step instead of ~900,000 (benchmarks/NOTES.md).
+        tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t and not t.startswith("glibc.malloc.hugetlb=")]
+        env["GLIBC_TUNABLES"] = ":".join(tunables + ["glibc.malloc.hugetlb=1"])
     if max_rss_mb:
         spec = dict(spec, max_rss_mb=max_rss_mb)
     cmd = [sys.executable, "-m", "benchmarks.cases", json.dumps(spec)]
@@ -154,6 +164,7 @@ def run_case(spec: dict, timeout: float, max_rss_mb: Optional[float] = None) -> 
             if line.startswith("BENCH_RESULT "):
                 row = json.loads(line[len("BENCH_RESULT "):])
                 row["wall_s"] = time.perf_counter() - t0
+                row["env"] = {k: env.get(k) for k in ("XLA_FLAGS", "GLIBC_TUNABLES")}
                 return row
         tail = (stderr or stdout).strip().splitlines()[-8:]
         err = f"exit code {proc.returncode}" + (" (killed: out of memory?)" if proc.returncode == -9 else "") + \
@@ -224,7 +235,11 @@ def derive(rows: list[dict]) -> list[str]:
                                     f"JAX {r.get('n_params')}")
     for r in ok:
         m = r.get("metrics_first_step") or {}
-        if r.get("mode") in ("implicit", "guided") and m.get("converged") == 0:
+        if r.get("mode") in ("implicit", "guided") and (r.get("relax_config") or {}).get("adjoint_unconverged") == "solve":
+            r["note"] = (f"adjoint solved for every structure (adjoint_unconverged=solve, GMRES, at most "
+                         f"{r['relax_config'].get('adjoint_iters')} one-frame VJPs); worst relative residual of the "
+                         f"first step {m.get('adjoint_residual', float('nan')):.2g}")
+        elif r.get("mode") in ("implicit", "guided") and m.get("converged") == 0:
             r["note"] = ("no structure converged (tol=0), so the implicit gradient is zero and the adjoint solve is "
                          "skipped: the time is the forward pass" + (" plus the truncated window" if r["mode"] ==
                                                                      "guided" else "") + ", a lower bound")
@@ -330,6 +345,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--keep", type=Path, action="append", default=[], metavar="FILE",
                     help="also tabulate the rows of an earlier JSON-lines file (those not re-run now)")
     ap.add_argument("--list", action="store_true", help="list the selected cases and exit")
+    ap.add_argument("--xla-flags", default=" ".join(CPU_XLA_FLAGS),
+                    help="appended to XLA_FLAGS of every case (default: the training CLI's default xla_flags)")
+    ap.add_argument("--malloc-hugepages", action=argparse.BooleanOptionalAction, default=True,
+                    help="GLIBC_TUNABLES=glibc.malloc.hugetlb=1 for every case (default on)")
     args = ap.parse_args(argv)
 
     cases = select(build_cases(args.quick, args.torch_threads), args.only)
@@ -368,7 +387,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = list(kept)
     for i, spec in enumerate(cases, 1):
         print(f"# [{i}/{len(cases)}] {spec['name']} ...", file=sys.stderr, flush=True)
-        row = run_case(spec, args.timeout, budget)
+        row = run_case(spec, args.timeout, budget, args.xla_flags, args.malloc_hugepages)
         row.setdefault("max_rss_mb", budget)
         row.setdefault("quick", args.quick)
         row["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -242,6 +242,10 @@ class AdjointConfig:
       damping: δ ≥ 0; a small δ makes the system well-posed along soft or zero modes.
       project_translations: solve on the complement of rigid translations for structures with no fixed
         atom (their fixed point is defined only up to a translation when the model is translation-invariant).
+      unconverged: ``"skip"`` (default): structures that stopped at ``max_frames`` without meeting the stop
+        tolerance get no implicit gradient (the fixed-point assumption does not hold for them); ``"solve"``:
+        treat every structure that did not diverge as converged (for relaxations that are stopped slightly
+        short of the tolerance, and for measuring the cost of the solve).
     """
 
     solver: str = "gmres"
@@ -249,10 +253,17 @@ class AdjointConfig:
     tol: float = 1e-4
     damping: float = 0.0
     project_translations: bool = True
+    unconverged: str = "skip"
 
     def __post_init__(self):
         if self.solver not in ("neumann", "gmres"):
             raise ValueError(f"unknown adjoint solver {self.solver!r}; expected neumann or gmres")
+        if self.unconverged not in ("skip", "solve"):
+            raise ValueError(f"unknown adjoint unconverged policy {self.unconverged!r}; expected skip or solve")
+
+    def solvable(self, converged: Array, diverged: Array) -> Array:
+        """(B,) the structures whose final state is treated as a fixed point."""
+        return converged if self.unconverged == "skip" else ~diverged
 
 
 def rms_movement(dR: Array, free_mask: Array) -> Array:
@@ -578,13 +589,13 @@ def rollout(
     fwd, window_start = _forward_to_stop(frame, carry0, max_frames, k)
     if grad_mode == "implicit":
         state, _, frames, converged, diverged = fwd
-        positions = _attach_implicit(step_fn, state, state.positions, free_mask, translation_modes, converged,
-                                     adjoint, adjoint_probe)
+        positions = _attach_implicit(step_fn, state, state.positions, free_mask, translation_modes,
+                                     adjoint.solvable(converged, diverged), adjoint, adjoint_probe)
         return RolloutResult(positions, frames, converged, diverged, state.replace(positions=positions))
 
     if grad_mode == "guided":
-        tail = _attach_implicit(step_fn, fwd[0], window_start.positions, free_mask, translation_modes, fwd[3],
-                                adjoint, adjoint_probe)
+        tail = _attach_implicit(step_fn, fwd[0], window_start.positions, free_mask, translation_modes,
+                                adjoint.solvable(fwd[3], fwd[4]), adjoint, adjoint_probe)
         started = (fwd[2] >= k).reshape((-1, 1, 1))  # structures that stopped sooner re-run from the start
         window_start = window_start.replace(positions=jnp.where(started, tail, window_start.positions))
     frames0 = jnp.maximum(fwd[2] - k, 0)
@@ -612,8 +623,8 @@ class RelaxConfig:
       grad_mode: gradient through the relaxation, one of :data:`GRAD_MODES` (see :func:`rollout`).
       remat_segment: frames per checkpointed block in ``"remat"`` mode (0 = ⌈√max_frames⌉).
       window: frames unrolled with gradients in ``"truncated"`` and ``"guided"`` modes.
-      adjoint_solver, adjoint_iters, adjoint_tol, adjoint_damping, adjoint_project_translations: the
-        adjoint solve of ``"implicit"`` and ``"guided"`` (see :class:`AdjointConfig`).
+      adjoint_solver, adjoint_iters, adjoint_tol, adjoint_damping, adjoint_project_translations,
+        adjoint_unconverged: the adjoint solve of ``"implicit"`` and ``"guided"`` (see :class:`AdjointConfig`).
       length_quantum: with ``BPTT.fit_step`` in full/remat mode, differentiate a scan only as long as the batch
         needs (found by an early-exit forward pass), rounded up to a multiple of this (0 = always max_frames).
       skip_converged: skip frames once every structure in the batch is done.
@@ -640,6 +651,7 @@ class RelaxConfig:
     adjoint_tol: float = 1e-4
     adjoint_damping: float = 0.0
     adjoint_project_translations: bool = True
+    adjoint_unconverged: str = "skip"
     length_quantum: int = 0
     skip_converged: bool = True
     dropout: bool = False
@@ -661,7 +673,7 @@ class RelaxConfig:
     @property
     def adjoint(self) -> AdjointConfig:
         return AdjointConfig(self.adjoint_solver, self.adjoint_iters, self.adjoint_tol, self.adjoint_damping,
-                             self.adjoint_project_translations)
+                             self.adjoint_project_translations, self.adjoint_unconverged)
 
 
 def make_rule(config: RelaxConfig, force_fn: ForceFn, free_mask: Array,

@@ -26,6 +26,7 @@ from bptt_jax.parallel import DistributedConfig
 from bptt_jax.pipeline import (DataConfig, EvalConfig, FinetuneConfig, ModelConfig, PretrainConfig, RunConfig,
                                markdown_table, run_pipeline)
 from bptt_jax.relax import RelaxConfig
+from bptt_jax.runtime import add_xla_flags
 
 log = logging.getLogger("bptt_jax")
 
@@ -54,6 +55,9 @@ def config_from_hydra(cfg: DictConfig, run_dir: str) -> RunConfig:
 def main(cfg: DictConfig) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
     OmegaConf.save(cfg, Path(run_dir) / "config_resolved.yaml", resolve=True)
+    added = add_xla_flags(list(cfg.get("xla_flags") or []))  # before the first JAX computation
+    if added:
+        log.info("XLA_FLAGS += %s", " ".join(added))
     try:
         results = run_pipeline(config_from_hydra(cfg, run_dir))
     except (ValueError, OSError, RuntimeError) as err:

@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from bptt_jax.runtime import CPU_XLA_FLAGS, add_xla_flags
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "grad_modes"
 MODES = ("full", "remat", "truncated", "implicit", "guided")
@@ -38,6 +40,14 @@ WINDOW = 10
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _mem_available_mb() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024.0
+    return float("inf")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -65,39 +75,55 @@ def cost_child(mode: str, frames: int, atoms: int, batch: int, repeats: int) -> 
         structs.append(Structure.from_atoms(a))
     b = Batch.from_structures(structs, targets, batch_size=batch)
     model = build_model("adapt", "small_geo")
+    # tol=0: every mode runs all frames; implicit/guided then solve the adjoint for every structure anyway
+    # (adjoint_unconverged="solve"), so their rows are the cost of a real solve.
     relax = RelaxConfig(step_size=0.005, step_mode="learned", max_frames=frames, tol=0.0, skip_converged=False,
-                        grad_mode=mode, window=WINDOW, remat_segment=0 if mode == "remat" else 1)
+                        grad_mode=mode, window=WINDOW, remat_segment=0 if mode == "remat" else 1,
+                        adjoint_unconverged="solve")
     bptt = BPTT(model, relax)
     state = bptt.init_state(bptt.init_params(jax.random.PRNGKey(0), b), jax.random.PRNGKey(1))
     base_rss = _rss_mb()
     t0 = time.perf_counter()
-    state, m = bptt.train_step(state, b)
+    step = bptt.train_step.lower(state, b).compile()
+    mem = step.memory_analysis()
+    temp_mb = (mem.temp_size_in_bytes + mem.output_size_in_bytes) / 2 ** 20 if mem is not None else 0.0
+    avail_mb = _mem_available_mb() - 1024.0
+    if temp_mb > avail_mb:  # a full-unroll tape that does not fit in RAM: report instead of swapping or dying
+        return {"part": "cost", "mode": mode, "frames": frames, "atoms": atoms, "batch": batch,
+                "xla_temp_mb": temp_mb, "loadavg_1m": os.getloadavg()[0], "error": f"not run: XLA needs {temp_mb:.0f} MB of buffers, "
+                                                 f"{avail_mb:.0f} MB available"}
+    state, m = step(state, b)
     jax.block_until_ready(m["loss"])
     compile_s = time.perf_counter() - t0
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        state, m = bptt.train_step(state, b)
+        state, m = step(state, b)
         jax.block_until_ready(m["loss"])
         times.append(time.perf_counter() - t0)
     sec = statistics.median(times)
     return {"part": "cost", "mode": mode, "frames": frames, "atoms": atoms, "batch": batch,
             "seconds_per_step": sec, "frames_per_s": frames * batch / sec, "first_step_s": compile_s,
+            "xla_temp_mb": temp_mb, "loadavg_1m": os.getloadavg()[0],
             "peak_rss_mb": _rss_mb(), "base_rss_mb": base_rss, "repeats": repeats,
             "window": WINDOW if mode in ("truncated", "guided") else None,
-            "adjoint_residual": float(m["adjoint_residual"]) if "adjoint_residual" in m else None}
+            "adjoint_residual": float(m["adjoint_residual"]) if "adjoint_residual" in m else None,
+            "env": {k: os.environ.get(k) for k in ("XLA_FLAGS", "GLIBC_TUNABLES")}}
 
 
 def run_cost(args) -> None:
     out = OUT / "cost.jsonl"
     OUT.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)  # the training CLI's default XLA flags, and huge pages for the big tapes (NOTES.md)
+    add_xla_flags(CPU_XLA_FLAGS, env)
+    env["GLIBC_TUNABLES"] = env.get("GLIBC_TUNABLES") or "glibc.malloc.hugetlb=1"
     for atoms in args.atoms:
         for frames in args.frames:
             for mode in args.modes:
                 repeats = 3 if frames * atoms <= 75 * 64 else 2
                 cmd = [sys.executable, "-m", "experiments.grad_modes", "_cost_child", mode, str(frames), str(atoms),
                        str(args.batch), str(repeats)]
-                proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+                proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
                 if proc.returncode != 0:
                     row = {"part": "cost", "mode": mode, "frames": frames, "atoms": atoms, "batch": args.batch,
                            "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"}
@@ -189,7 +215,7 @@ def run_quality(args) -> None:
         run_dir = ROOT / "runs" / "grad_modes" / name
         cmd = [sys.executable, "-m", "bptt_jax.train", f"model.init_from={Path(args.pretrained).resolve()}",
                f"eval.step_grid=[{eta}]", "eval.fire=false", "progress=false", "plots=false",
-               f"finetune.epochs={args.epochs}", f"relax.window={WINDOW}", "relax.remat_segment=0",
+               f"finetune.epochs={args.epochs}", f"relax.window={args.window}", "relax.remat_segment=0",
                f"hydra.run.dir={run_dir}", *extra]
         t0 = time.time()
         if args.reuse and (run_dir / "results.json").exists():  # a finished run of this variant: read it
@@ -209,6 +235,7 @@ def run_quality(args) -> None:
                    "n_test": res["n_test"], "bptt_s": res["wall_s"]["bptt"],
                    "seconds_per_bptt_step": res.get("seconds_per_bptt_step"), "epochs": args.epochs,
                    "diverged": res["diverged"]["bptt"], "step_size_final": res["step_size_final"],
+                   "window": args.window if name.split("@")[0].split("+")[0] in ("truncated", "guided") else None,
                    "wall_s": round(time.time() - t0, 1)}
         print(json.dumps(row), flush=True)
         with (OUT / "quality.jsonl").open("a") as f:
@@ -236,8 +263,9 @@ def run_report(args) -> None:
              "Produced by `python -m experiments.grad_modes {cost,cosine,quality,report}` "
              "(see the module docstring). 2 CPU cores; ADAPT `small_geo`; window = "
              f"{WINDOW} frames for truncated/guided; remat = √n checkpointing; implicit/guided: GMRES adjoint "
-             "(restart 20, at most 200 products, tol 1e-4) on converged structures only. Timings were taken with "
-             "other jobs on the machine (indicative only).", ""]
+             "(restart 20, at most 200 products, tol 1e-4) on converged structures only (in training). The cost "
+             "rows carry the 1-minute load average at their start; the quality runs shared the machine with other "
+             "jobs, so their seconds per step are indicative only.", ""]
     if not cost:
         lines += ["## Cost per BPTT step", "",
                   "Not measured here yet (`python -m experiments.grad_modes cost` needs a quiet machine). Per-mode "
@@ -245,15 +273,22 @@ def run_report(args) -> None:
                   "`benchmarks/NOTES.md` (`make bench`).", ""]
     if cost:
         lines += ["## Cost per BPTT step (batch of 4 rattled Si cells, tol = 0 so every mode runs all frames)", "",
-                  "| atoms | frames | mode | s / step | frames/s | peak RSS (MB) | first step (s) |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+                  "implicit / guided solve the adjoint for every structure (`relax.adjoint_unconverged=solve`), so "
+                  "their rows include a real solve (worst relative residual in the last column). XLA buffers = "
+                  "XLA's compile-time temporaries + outputs of the step.", "",
+                  "| atoms | frames | mode | s / step | frames/s | peak RSS (MB) | XLA buffers (MB) | first step (s) "
+                  "| load | adjoint residual |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for (atoms, frames, mode), r in sorted(cost.items(), key=lambda kv: (kv[0][0], kv[0][1],
                                                                                MODES.index(kv[0][2]))):
             if "error" in r:
-                lines.append(f"| {atoms} | {frames} | {mode} | failed: {r['error'][:60]} | | | |")
+                lines.append(f"| {atoms} | {frames} | {mode} | {r['error'][:70]} | | | "
+                             f"{r.get('xla_temp_mb') or 0:.0f} | | | |")
             else:
+                res = r.get("adjoint_residual") if mode in ("implicit", "guided") else None
                 lines.append(f"| {atoms} | {frames} | {mode} | {r['seconds_per_step']:.2f} | {r['frames_per_s']:.0f} "
-                             f"| {r['peak_rss_mb']:.0f} | {r['first_step_s']:.1f} |")
+                             f"| {r['peak_rss_mb']:.0f} | {r.get('xla_temp_mb') or 0:.0f} | {r['first_step_s']:.1f} "
+                             f"| {r.get('loadavg_1m') or 0:.1f} | {'' if res is None else f'{res:.2g}'} |")
         lines.append("")
     if cosine:
         r0 = next(iter(cosine.values()))
@@ -309,6 +344,7 @@ def main(argv=None) -> None:
     q.add_argument("--modes", nargs="+", default=list(MODES))
     q.add_argument("--epochs", type=int, default=5)
     q.add_argument("--basin", type=float, default=3.0)
+    q.add_argument("--window", type=int, default=WINDOW, help="frames differentiated by truncated / guided")
     q.add_argument("--fire", action=argparse.BooleanOptionalAction, default=True)
     q.add_argument("--set", nargs="*", default=[], help="extra CLI overrides for every variant")
     q.add_argument("--tag", default="", help="suffix of the variant names (run directories and rows)")

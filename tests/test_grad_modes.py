@@ -267,3 +267,20 @@ def test_implicit_gradient_skips_structures_that_did_not_converge(converged_prob
         g_guided = jax.grad(lambda t: _loss(t, x0, free, target, "guided", max_frames=5, window=3)[0])(theta)
         g_trunc = jax.grad(lambda t: _loss(t, x0, free, target, "truncated", max_frames=5, window=3)[0])(theta)
         np.testing.assert_allclose(_flat(g_guided), _flat(g_trunc), rtol=1e-12, atol=1e-14)
+
+
+def test_implicit_solves_unconverged_structures_when_asked(converged_problem):
+    """``AdjointConfig(unconverged="solve")``: a relaxation stopped by the frame budget at (numerically) its
+    fixed point gets the implicit gradient anyway, which then matches full BPTT; the default skips it."""
+    x0, free, target, theta, g_full, _ = converged_problem
+    with jax.enable_x64(True):
+        def grad(policy):
+            return jax.value_and_grad(_loss, has_aux=True)(
+                theta, x0, free, target, "implicit", tol=0.0, adjoint=R.AdjointConfig(unconverged=policy))
+        (_, res), g_skip = grad("skip")
+        assert not bool(jnp.any(res.converged))
+        assert float(jnp.abs(_flat(g_skip)).max()) == 0.0
+        _, g_solve = grad("solve")
+        assert _cos(g_solve, g_full) > 0.999
+    with pytest.raises(ValueError, match="unconverged"):
+        R.AdjointConfig(unconverged="maybe")
