@@ -305,10 +305,10 @@ def force_errors(errors_fn, params, batches: list[Batch]) -> tuple[float, float]
     """(force MSE per component, mean per-structure L2 force error) over real structures."""
     mse, l2, n = 0.0, 0.0, 0
     for b in batches:
-        m, l = errors_fn(params, b)
+        sq_err, l2_err = errors_fn(params, b)
         mask = np.asarray(b.structure_mask)
-        mse += float(np.asarray(m)[mask].sum())
-        l2 += float(np.asarray(l)[mask].sum())
+        mse += float(np.asarray(sq_err)[mask].sum())
+        l2 += float(np.asarray(l2_err)[mask].sum())
         n += int(mask.sum())
     return mse / max(n, 1), l2 / max(n, 1)
 

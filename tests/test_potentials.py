@@ -124,7 +124,10 @@ def test_sw_diamond_cohesive_energy(cell):
 ])
 def test_tersoff_published_crystals(symbol, structure_kind, a_paper, e_paper, e_tol, a_tol):
     calc = get_calculator("tersoff")
-    energy = lambda a: energy_per_atom(bulk(symbol, structure_kind, a=a, cubic=True), calc)
+
+    def energy(a):
+        return energy_per_atom(bulk(symbol, structure_kind, a=a, cubic=True), calc)
+
     # Minimum of a parabola through three points close to the published lattice constant.
     h = 0.005
     em, e0, ep = energy(a_paper - h), energy(a_paper), energy(a_paper + h)
