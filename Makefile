@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml requirements.txt
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# glibc backs large allocations with huge pages: BPTT's multi-GB full-unroll tape, allocated anew every step,
+# then costs thousands of page faults instead of ~900,000 (benchmarks/NOTES.md). Harmless elsewhere.
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
+
 run: $(STAMP)
 	$(PY) -m bptt_jax.train
 
