@@ -79,7 +79,10 @@ def cost_child(mode: str, frames: int, atoms: int, batch: int, repeats: int) -> 
     # (adjoint_unconverged="solve"), so their rows are the cost of a real solve.
     relax = RelaxConfig(step_size=0.005, step_mode="learned", max_frames=frames, tol=0.0, skip_converged=False,
                         grad_mode=mode, window=WINDOW, remat_segment=0 if mode == "remat" else 1,
-                        adjoint_unconverged="solve")
+                        adjoint_unconverged="solve",
+                        # a fresh model's forces drift the cell without end; with the default 5 Å bound the
+                        # 216-atom cells were all frozen as diverged by frame ~38 of 200 and the step ran short
+                        diverge_distance=float("inf"))
     bptt = BPTT(model, relax)
     state = bptt.init_state(bptt.init_params(jax.random.PRNGKey(0), b), jax.random.PRNGKey(1))
     base_rss = _rss_mb()
@@ -92,13 +95,15 @@ def cost_child(mode: str, frames: int, atoms: int, batch: int, repeats: int) -> 
         return {"part": "cost", "mode": mode, "frames": frames, "atoms": atoms, "batch": batch,
                 "xla_temp_mb": temp_mb, "loadavg_1m": os.getloadavg()[0], "error": f"not run: XLA needs {temp_mb:.0f} MB of buffers, "
                                                  f"{avail_mb:.0f} MB available"}
-    state, m = step(state, b)
+    _, m = step(state, b)
     jax.block_until_ready(m["loss"])
     compile_s = time.perf_counter() - t0
     times = []
+    # Every timed step starts from the same state: advancing it, a fresh model's first Adam steps at 200
+    # frames blew the relaxation up to NaN at frame 1, and the early-exit modes then timed a 1-frame step.
     for _ in range(repeats):
         t0 = time.perf_counter()
-        state, m = step(state, b)
+        _, m = step(state, b)
         jax.block_until_ready(m["loss"])
         times.append(time.perf_counter() - t0)
     sec = statistics.median(times)
@@ -108,6 +113,9 @@ def cost_child(mode: str, frames: int, atoms: int, batch: int, repeats: int) -> 
             "peak_rss_mb": _rss_mb(), "base_rss_mb": base_rss, "repeats": repeats,
             "window": WINDOW if mode in ("truncated", "guided") else None,
             "adjoint_residual": float(m["adjoint_residual"]) if "adjoint_residual" in m else None,
+            # what the step really ran: a structure that diverges is frozen, and a batch whose structures have
+            # all diverged stops early, so frames/s is only comparable where mean_frames == frames
+            "mean_frames": float(m["frames"]), "diverged": int(m["diverged"]),
             "env": {k: os.environ.get(k) for k in ("XLA_FLAGS", "GLIBC_TUNABLES")}}
 
 
@@ -272,23 +280,40 @@ def run_report(args) -> None:
                   "time and peak RSS at B = 8, 75 frames, N = 64 / 216 (bench-size ADAPT) are in "
                   "`benchmarks/NOTES.md` (`make bench`).", ""]
     if cost:
-        lines += ["## Cost per BPTT step (batch of 4 rattled Si cells, tol = 0 so every mode runs all frames)", "",
+        lines += ["## Cost per BPTT step (batch of 4 rattled Si cells, tol = 0 so that every mode runs all frames)", "",
                   "implicit / guided solve the adjoint for every structure (`relax.adjoint_unconverged=solve`), so "
                   "their rows include a real solve (worst relative residual in the last column). XLA buffers = "
-                  "XLA's compile-time temporaries + outputs of the step.", "",
+                  "XLA's compile-time temporaries + outputs of the step. Peak RSS includes ~0.6 GB of runtime (imports, "
+                  "XLA). Frames run: the mean number of frames the timed step relaxed (every timed step starts from "
+                  "the same state; nothing diverges).", "",
                   "| atoms | frames | mode | s / step | frames/s | peak RSS (MB) | XLA buffers (MB) | first step (s) "
-                  "| load | adjoint residual |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "| load | adjoint residual | frames run |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for (atoms, frames, mode), r in sorted(cost.items(), key=lambda kv: (kv[0][0], kv[0][1],
                                                                                MODES.index(kv[0][2]))):
             if "error" in r:
                 lines.append(f"| {atoms} | {frames} | {mode} | {r['error'][:70]} | | | "
-                             f"{r.get('xla_temp_mb') or 0:.0f} | | | |")
+                             f"{r.get('xla_temp_mb') or 0:.0f} | | | | |")
             else:
                 res = r.get("adjoint_residual") if mode in ("implicit", "guided") else None
+                ran = r.get("mean_frames")  # mean frames the last timed step ran (rows from before: not recorded)
                 lines.append(f"| {atoms} | {frames} | {mode} | {r['seconds_per_step']:.2f} | {r['frames_per_s']:.0f} "
                              f"| {r['peak_rss_mb']:.0f} | {r.get('xla_temp_mb') or 0:.0f} | {r['first_step_s']:.1f} "
-                             f"| {r.get('loadavg_1m') or 0:.1f} | {'' if res is None else f'{res:.2g}'} |")
+                             f"| {r.get('loadavg_1m') or 0:.1f} | {'' if res is None else f'{res:.2g}'} "
+                             f"| {'' if ran is None else f'{ran:.0f}'} |")
+        lines += ["", "Against `full` at the same size and length (time ratio < 1: faster; RSS ratio: peak RSS over "
+                  "full's):", "", "| atoms | frames | " + " | ".join(f"{m} time / RSS" for m in MODES[1:]) + " |",
+                  "| --- | --- |" + " --- |" * (len(MODES) - 1)]
+        for atoms, frames in sorted({(a, f) for a, f, _ in cost}):
+            ref = cost.get((atoms, frames, "full"), {})
+            if "seconds_per_step" not in ref:
+                continue
+            cells = []
+            for mode in MODES[1:]:
+                r = cost.get((atoms, frames, mode), {})
+                cells.append(f"{r['seconds_per_step'] / ref['seconds_per_step']:.2f} / "
+                             f"{r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}" if "seconds_per_step" in r else "–")
+            lines.append(f"| {atoms} | {frames} | " + " | ".join(cells) + " |")
         lines.append("")
     if cosine:
         r0 = next(iter(cosine.values()))
