@@ -193,6 +193,14 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map(lambda x: _from_global_host_value(np.asarray(x), sharding), tree)
 
 
+def sync(name: str) -> None:
+    """Barrier across all processes of a multi-host run (a no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def unreplicate(tree: Any) -> Any:
     """One local copy of replicated arrays (on this process's first device of each), for host-side work
     such as single-device evaluation; other leaves pass through."""
@@ -216,4 +224,4 @@ def shard_train_step(bptt, mesh: Mesh) -> Callable:
 
 
 __all__ = ["DATA_AXIS", "DistributedConfig", "batch_sharding", "data_mesh", "initialize", "local_mesh_size",
-           "pad_batch", "replicate", "replicated", "shard_batch", "shard_train_step", "unreplicate"]
+           "pad_batch", "replicate", "replicated", "shard_batch", "shard_train_step", "sync", "unreplicate"]

@@ -363,17 +363,36 @@ def pretrain(model, params, frames: list[Structure], cfg: PretrainConfig, bucket
 # Checkpoints
 
 
+def is_primary() -> bool:
+    """Whether this process writes the run directory (process 0; always true in a one-process run)."""
+    return jax.process_index() == 0
+
+
 def _ckpt_manager(path: Path, max_to_keep: Optional[int] = None):
     import orbax.checkpoint as ocp
 
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every file it renames at INFO
+    extra = {}
+    if jax.process_count() > 1:
+        # Multi-host: each manager acts for its own process alone (no cross-process barriers). Only process 0
+        # saves (host-local copies of the replicated state, see save_checkpoint); every process may restore.
+        me = jax.process_index()
+        extra["multiprocessing_options"] = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+        extra["create"] = False  # orbax refuses create=True with active_processes; save_checkpoint makes the folder
     return ocp.CheckpointManager(path.absolute(), options=ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=False))
+        max_to_keep=max_to_keep, enable_async_checkpointing=False, **extra))
 
 
 def save_checkpoint(path: Path, step: int, tree: Any, meta: dict) -> None:
+    """Save ``tree`` (and JSON ``meta``) as step ``step``. In a multi-process run only process 0 writes, a
+    host-local copy of replicated arrays (the other processes return at once)."""
     import orbax.checkpoint as ocp
 
+    if jax.process_count() > 1:
+        if not is_primary():
+            return
+        tree = jax.device_get(parallel.unreplicate(tree))
+        path.mkdir(parents=True, exist_ok=True)
     with _ckpt_manager(path) as mngr:
         mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
                   force=True)
@@ -428,15 +447,24 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     parallel.initialize(cfg.distributed)  # multi-host: before any JAX computation (no-op unless enabled)
+    # Multi-host: every process runs every stage (only the BPTT steps are shared), process 0 alone writes the
+    # run directory (config, checkpoints, results, metrics, plots), so processes sharing one run_dir do not
+    # clobber each other's files.
+    primary, several = is_primary(), jax.process_count() > 1
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "run_config.json").write_text(json.dumps(_jsonable(cfg), indent=1))
+    if primary:
+        (run_dir / "run_config.json").write_text(json.dumps(_jsonable(cfg), indent=1))
     wall: dict[str, float] = {}
     t = time.time()
 
     # 1. Data -----------------------------------------------------------------------------------------
     skipped = SkipLog()
+    if several and not primary:  # let process 0 generate a missing data set; the others then read its cache
+        parallel.sync("data generated")
     trajs = load_trajectories(cfg.data, skipped, cfg.progress)
+    if several and primary:
+        parallel.sync("data generated")
     train_trajs, test_trajs = split(trajs, cfg.data.n_test)
     if cfg.data.max_train is not None:
         train_trajs = train_trajs[:cfg.data.max_train]
@@ -619,10 +647,13 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
                           "fire": fire_res.per_structure.tolist() if fire_res else None,
                           "bptt": tuned.per_structure.tolist()},
     }
-    (run_dir / "results.json").write_text(json.dumps(_jsonable(results), indent=1))
-    _write_metrics(run_dir / "metrics.csv", pretrain_history, metrics_rows)
-    if cfg.plots:
-        _plots(run_dir, metrics_rows, results, grid[best_eta].avg)
+    if primary:
+        (run_dir / "results.json").write_text(json.dumps(_jsonable(results), indent=1))
+        _write_metrics(run_dir / "metrics.csv", pretrain_history, metrics_rows)
+        if cfg.plots:
+            _plots(run_dir, metrics_rows, results, grid[best_eta].avg)
+    if several:  # nobody leaves (and tears down the distributed runtime) before process 0 has written
+        parallel.sync("run written")
     return results
 
 

@@ -128,3 +128,33 @@ def test_elements_table():
         build_model("gnn")
     with pytest.raises(ValueError):
         build_model("adapt", "huge")
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_attention_matches_flax(with_bias):
+    """bptt_jax's heads-major attention is flax's dot_product_attention (and SelfAttention, with the same
+    parameters, flax's MultiHeadDotProductAttention), with a key-padding mask and an additive bias."""
+    import flax.linen as nn
+
+    from bptt_jax.models.layers import SelfAttention, attention
+
+    ks = jax.random.split(jax.random.PRNGKey(3), 5)
+    q, k, v = (jax.random.normal(kk, (2, 7, 3, 4)) for kk in ks[:3])
+    valid = jnp.array([[True] * 7, [True] * 5 + [False] * 2])
+    mask = nn.make_attention_mask(valid, valid)
+    bias = jax.random.normal(ks[3], (2, 3, 7, 7)) if with_bias else None
+    ours = attention(q, k, v, bias=bias, mask=mask)
+    ref = nn.dot_product_attention(q, k, v, bias=bias, mask=mask)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
+    x = jax.random.normal(ks[4], (2, 7, 12))
+    mha = nn.MultiHeadDotProductAttention(num_heads=3, qkv_features=12, out_features=12, deterministic=True)
+    variables = mha.init(jax.random.PRNGKey(0), x, x, mask=mask)
+    mine = SelfAttention(num_heads=3, qkv_features=12, out_features=12)
+    assert jax.tree_util.tree_structure(mine.init(jax.random.PRNGKey(0), x, mask)) == \
+        jax.tree_util.tree_structure(variables)
+    np.testing.assert_allclose(mine.apply(variables, x, mask), mha.apply(variables, x, x, mask=mask),
+                               rtol=1e-5, atol=1e-6)
+    # gradients too (BPTT differentiates through it)
+    g1 = jax.grad(lambda q: jnp.sum(jnp.sin(attention(q, k, v, bias=bias, mask=mask))))(q)
+    g2 = jax.grad(lambda q: jnp.sum(jnp.sin(nn.dot_product_attention(q, k, v, bias=bias, mask=mask))))(q)
+    np.testing.assert_allclose(g1, g2, rtol=1e-5, atol=1e-6)

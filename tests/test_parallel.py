@@ -4,6 +4,7 @@ The multi-device checks run in subprocesses: the CPU device count (``XLA_FLAGS``
 fixed when JAX starts, so they cannot be changed inside the pytest process.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -159,16 +160,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_complete_a_training_step(tmp_path):
-    if not _cpu_collectives_available():
-        pytest.skip("this jaxlib has no gloo CPU collectives (cross-process CPU computations impossible)")
-    port = _free_port()
-    logs = [(tmp_path / f"p{i}.out").open("w+") for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(i), str(port)], cwd=TESTS, env=_env(),
-                              stdout=logs[i], stderr=subprocess.STDOUT, text=True) for i in range(2)]
+def _run_processes(cmds, tmp_path, timeout=300, **popen):
+    """Start one process per command, wait for all; returns their outputs (each asserted to exit 0)."""
+    logs = [(tmp_path / f"p{i}.out").open("w+") for i in range(len(cmds))]
+    procs = [subprocess.Popen(cmd, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True, **popen)
+             for cmd, log in zip(cmds, logs)]
     try:
         for p in procs:
-            p.wait(timeout=300)
+            p.wait(timeout=timeout)
     finally:
         for p in procs:
             if p.poll() is None:
@@ -181,6 +180,14 @@ def test_two_processes_complete_a_training_step(tmp_path):
         f.close()
     for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-4000:]
+    return outs
+
+
+def test_two_processes_complete_a_training_step(tmp_path):
+    if not _cpu_collectives_available():
+        pytest.skip("this jaxlib has no gloo CPU collectives (cross-process CPU computations impossible)")
+    port = _free_port()
+    outs = _run_processes([[sys.executable, "-c", WORKER, str(i), str(port)] for i in range(2)], tmp_path, cwd=TESTS)
     results = [[line.split() for line in out.splitlines() if line.startswith("RESULT")][0] for out in outs]
     losses = [float(r[2]) for r in results]
     assert np.isfinite(losses[0]) and losses[0] == losses[1], results
@@ -188,6 +195,45 @@ def test_two_processes_complete_a_training_step(tmp_path):
     # the same (replicated) updated parameters.
     assert losses[0] == pytest.approx(float(results[0][3]), rel=1e-5)
     assert results[0][4] == results[1][4] and float(results[0][4]) != 0.05
+
+
+def test_two_process_pipeline_writes_one_run_directory(tmp_path):
+    """The CLI run as two jax.distributed processes sharing one run directory and data cache: both finish,
+    process 0 alone writes results, metrics and checkpoints, and the checkpoints restore."""
+    if not _cpu_collectives_available():
+        pytest.skip("this jaxlib has no gloo CPU collectives (cross-process CPU computations impossible)")
+    from test_train import TINY
+
+    import orbax.checkpoint as ocp
+
+    from bptt_jax.pipeline import latest_step
+
+    port, run_dir = _free_port(), tmp_path / "run"
+    cmds = [[sys.executable, "-m", "bptt_jax.train", f"dataset.cache_dir={tmp_path / 'data'}", *TINY,
+             "dataset.n=12", "finetune.batch_size=4", "plots=false", f"hydra.run.dir={run_dir}",
+             "distributed.enabled=true", f"distributed.coordinator_address=127.0.0.1:{port}",
+             "distributed.num_processes=2", f"distributed.process_id={i}"] for i in range(2)]
+    outs = _run_processes(cmds, tmp_path, timeout=600, cwd=tmp_path)
+    assert all("BPTT data parallel over 2 devices (2 processes)" in out for out in outs), outs[0][-3000:]
+    tables = [out[out.index("| method"):out.index("run directory:")] for out in outs]
+    assert tables[0] == tables[1]  # both processes evaluated the same replicated model
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["n_test"] == 4 and len(_csv_rows(run_dir / "metrics.csv")) > 0
+    assert latest_step(run_dir / "checkpoints" / "bptt") == 1
+    for name, key in (("pretrained", "history"), ("bptt", "metrics")):
+        with ocp.CheckpointManager((run_dir / "checkpoints" / name).absolute()) as mngr:
+            out = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                                           meta=ocp.args.JsonRestore()))
+        leaves = jax.tree_util.tree_leaves(out.state)
+        assert leaves and all(np.all(np.isfinite(np.asarray(x))) for x in leaves), name
+        assert key in out.meta, (name, out.meta)
+
+
+def _csv_rows(path):
+    import csv
+
+    with open(path) as f:
+        return list(csv.DictReader(f))
 
 
 # ---------------------------------------------------------------------------------------------------

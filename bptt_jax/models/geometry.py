@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bptt_jax.models.layers import MLP, activation
+from bptt_jax.models.layers import MLP, activation, attention
 from bptt_jax.structures import _SHIFTS, periodic_frame, safe_norm
 
 Array = jax.Array
@@ -203,9 +203,8 @@ class GeometricEncoderBlock(nn.Module):
             bias = bias + jnp.log(w + 1e-6)[..., None]
         bias = jnp.moveaxis(bias, -1, -3)  # (B, H, N, N)
         low = {} if self.dtype is None else {"force_fp32_for_softmax": True}
-        attn = nn.dot_product_attention(q, k, v, bias=bias, mask=mask, dropout_rate=self.dropout,
-                                        deterministic=deterministic,
-                                        dropout_rng=None if deterministic else self.make_rng("dropout"), **low)
+        attn = attention(q, k, v, bias=bias, mask=mask, dropout_rate=self.dropout, deterministic=deterministic,
+                         dropout_rng=None if deterministic or self.dropout == 0.0 else self.make_rng("dropout"), **low)
         attn = nn.DenseGeneral(self.d_model, axis=(-2, -1), dtype=self.dtype, name="out")(attn)
         attn = nn.Dropout(self.dropout, deterministic=deterministic)(attn)
         h1 = nn.LayerNorm(name="ln_attn")(x + attn)

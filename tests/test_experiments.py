@@ -1,0 +1,59 @@
+"""The gradient-mode study (experiments/grad_modes.py): one real cost measurement, and the report."""
+
+import json
+
+import pytest
+
+from experiments import grad_modes
+
+
+def test_cost_child_runs_the_stated_frames():
+    # A real (small) measurement: 64-atom cells, 3 frames, one structure. The row must say what ran.
+    row = grad_modes.cost_child("truncated", frames=3, atoms=64, batch=1, repeats=1)
+    assert "error" not in row
+    assert row["mean_frames"] == 3 and row["diverged"] == 0
+    assert row["seconds_per_step"] > 0 and row["peak_rss_mb"] > row["base_rss_mb"] > 0
+    assert row["window"] == grad_modes.WINDOW and row["frames_per_s"] == pytest.approx(3 / row["seconds_per_step"])
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_report_tables(tmp_path, monkeypatch):
+    out = tmp_path / "results" / "grad_modes"
+    out.mkdir(parents=True)
+    monkeypatch.setattr(grad_modes, "OUT", out)
+    monkeypatch.setattr(grad_modes, "ROOT", tmp_path)
+
+    def cost(mode, sec, rss, **kw):
+        return {"part": "cost", "mode": mode, "frames": 75, "atoms": 64, "batch": 4, "seconds_per_step": sec,
+                "frames_per_s": 300 / sec, "first_step_s": 9.0, "xla_temp_mb": 10.0, "loadavg_1m": 1.0,
+                "peak_rss_mb": rss, "base_rss_mb": 600.0, "mean_frames": 75.0, "diverged": 0, **kw}
+
+    _write(out / "cost.jsonl", [
+        cost("full", 9.9, 9999.0),  # superseded by the later row of the same cell
+        cost("full", 2.0, 4000.0), cost("remat", 3.0, 1000.0), cost("truncated", 0.5, 2000.0),
+        cost("implicit", 1.0, 800.0, adjoint_residual=0.25),
+        {"part": "cost", "mode": "guided", "frames": 75, "atoms": 64, "batch": 4, "error": "not run: too big"}])
+    _write(out / "cosine.jsonl", [{"part": "cosine", "mode": m, "cosine_mean": c, "cosine_min": c - 0.1,
+                                   "rel_error_mean": 1 - c, "batches": 3, "structures": 20}
+                                  for m, c in (("full", 1.0), ("truncated", 0.8))])
+    _write(out / "quality.jsonl", [
+        {"part": "quality", "mode": "full", "avg_dq": 5.0, "constant_step": 7.0, "initial": 10.0,
+         "reduction_pct": 28.6, "basin_threshold": 3.0, "in_basin": 9, "in_basin_constant_step": 2, "n_test": 100,
+         "bptt_s": 100.0, "seconds_per_bptt_step": 2.5, "epochs": 5},
+        {"part": "quality", "mode": "implicit", "error": "boom"}])
+
+    grad_modes.run_report(None)
+    text = (tmp_path / "results" / "grad_modes.md").read_text()
+    lines = text.splitlines()
+    full = next(line for line in lines if line.startswith("| 64 | 75 | full |"))
+    assert "| 2.00 |" in full and "| 4000 |" in full and full.endswith("| 75 |")
+    assert any(line.startswith("| 64 | 75 | implicit | 1.00 |") and "| 0.25 |" in line for line in lines)
+    assert any(line.startswith("| 64 | 75 | guided | not run: too big") for line in lines)
+    # ratios to full: remat 3.0/2.0 s and 1000/4000 MB; truncated 0.5/2.0 s and 2000/4000 MB
+    ratio = next(line for line in lines if line.startswith("| 64 | 75 | 1.50 / 0.25 |"))
+    assert "| 0.25 / 0.50 |" in ratio and "| 0.50 / 0.20 |" in ratio and ratio.endswith("| – |")
+    assert "| truncated | 0.8000 | 0.7000 | 0.200 |" in text
+    assert "| full | 5.000 | 28.6% | 9 | 2.50 | 100 |" in text and "| implicit | failed: boom" in text
