@@ -285,7 +285,9 @@ def run_report(args) -> None:
                   "their rows include a real solve (worst relative residual in the last column). XLA buffers = "
                   "XLA's compile-time temporaries + outputs of the step. Peak RSS includes ~0.6 GB of runtime (imports, "
                   "XLA). Frames run: the mean number of frames the timed step relaxed (every timed step starts from "
-                  "the same state; nothing diverges).", "",
+                  "the same state; nothing diverges). The grid was measured on 2026-12-01 on a 2-core AMD EPYC, "
+                  "before attention was computed heads-major (benchmarks/NOTES.md): since then every mode's "
+                  "forward passes are faster, most at 216 atoms.", "",
                   "| atoms | frames | mode | s / step | frames/s | peak RSS (MB) | XLA buffers (MB) | first step (s) "
                   "| load | adjoint residual | frames run |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
