@@ -209,8 +209,12 @@ def test_two_process_pipeline_writes_one_run_directory(tmp_path):
     from bptt_jax.pipeline import latest_step
 
     port, run_dir = _free_port(), tmp_path / "run"
-    cmds = [[sys.executable, "-m", "bptt_jax.train", f"dataset.cache_dir={tmp_path / 'data'}", *TINY,
-             "dataset.n=12", "finetune.batch_size=4", "plots=false", f"hydra.run.dir={run_dir}",
+    # the tiny run, trimmed to what this test checks (one constant step, no FIRE baseline, one pretrain epoch)
+    mine = {"dataset.n": "12", "finetune.batch_size": "4", "plots": "false", "eval.step_grid": "[0.01]",
+            "eval.fire": "false", "pretrain.max_epochs": "1"}
+    tiny = [o for o in TINY if o.split("=")[0] not in mine] + [f"{k}={v}" for k, v in mine.items()]
+    cmds = [[sys.executable, "-m", "bptt_jax.train", f"dataset.cache_dir={tmp_path / 'data'}", *tiny,
+             f"hydra.run.dir={run_dir}",
              "distributed.enabled=true", f"distributed.coordinator_address=127.0.0.1:{port}",
              "distributed.num_processes=2", f"distributed.process_id={i}"] for i in range(2)]
     outs = _run_processes(cmds, tmp_path, timeout=600, cwd=tmp_path)
