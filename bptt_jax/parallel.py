@@ -193,6 +193,11 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map(lambda x: _from_global_host_value(np.asarray(x), sharding), tree)
 
 
+def is_primary() -> bool:
+    """Whether this is process 0, the one that writes files in a multi-host run (true with one process)."""
+    return jax.process_index() == 0
+
+
 def sync(name: str) -> None:
     """Barrier across all processes of a multi-host run (a no-op with one process)."""
     if jax.process_count() > 1:
@@ -223,5 +228,5 @@ def shard_train_step(bptt, mesh: Mesh) -> Callable:
     return jax.jit(bptt._train_step, in_shardings=(rep, data, rep), out_shardings=(rep, rep))
 
 
-__all__ = ["DATA_AXIS", "DistributedConfig", "batch_sharding", "data_mesh", "initialize", "local_mesh_size",
+__all__ = ["DATA_AXIS", "DistributedConfig", "batch_sharding", "data_mesh", "initialize", "is_primary", "local_mesh_size",
            "pad_batch", "replicate", "replicated", "shard_batch", "shard_train_step", "sync", "unreplicate"]

@@ -363,11 +363,6 @@ def pretrain(model, params, frames: list[Structure], cfg: PretrainConfig, bucket
 # Checkpoints
 
 
-def is_primary() -> bool:
-    """Whether this process writes the run directory (process 0; always true in a one-process run)."""
-    return jax.process_index() == 0
-
-
 def _ckpt_manager(path: Path, max_to_keep: Optional[int] = None):
     import orbax.checkpoint as ocp
 
@@ -389,7 +384,7 @@ def save_checkpoint(path: Path, step: int, tree: Any, meta: dict) -> None:
     import orbax.checkpoint as ocp
 
     if jax.process_count() > 1:
-        if not is_primary():
+        if not parallel.is_primary():
             return
         tree = jax.device_get(parallel.unreplicate(tree))
         path.mkdir(parents=True, exist_ok=True)
@@ -450,7 +445,7 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     # Multi-host: every process runs every stage (only the BPTT steps are shared), process 0 alone writes the
     # run directory (config, checkpoints, results, metrics, plots), so processes sharing one run_dir do not
     # clobber each other's files.
-    primary, several = is_primary(), jax.process_count() > 1
+    primary, several = parallel.is_primary(), jax.process_count() > 1
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if primary:

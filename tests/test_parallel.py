@@ -202,7 +202,7 @@ def test_two_process_pipeline_writes_one_run_directory(tmp_path):
     process 0 alone writes results, metrics and checkpoints, and the checkpoints restore."""
     if not _cpu_collectives_available():
         pytest.skip("this jaxlib has no gloo CPU collectives (cross-process CPU computations impossible)")
-    from test_train import TINY
+    from test_train import TINY, _rows
 
     import orbax.checkpoint as ocp
 
@@ -222,7 +222,7 @@ def test_two_process_pipeline_writes_one_run_directory(tmp_path):
     tables = [out[out.index("| method"):out.index("run directory:")] for out in outs]
     assert tables[0] == tables[1]  # both processes evaluated the same replicated model
     res = json.loads((run_dir / "results.json").read_text())
-    assert res["n_test"] == 4 and len(_csv_rows(run_dir / "metrics.csv")) > 0
+    assert res["n_test"] == 4 and len(_rows(run_dir)) > 0
     assert latest_step(run_dir / "checkpoints" / "bptt") == 1
     for name, key in (("pretrained", "history"), ("bptt", "metrics")):
         with ocp.CheckpointManager((run_dir / "checkpoints" / name).absolute()) as mngr:
@@ -231,13 +231,6 @@ def test_two_process_pipeline_writes_one_run_directory(tmp_path):
         leaves = jax.tree_util.tree_leaves(out.state)
         assert leaves and all(np.all(np.isfinite(np.asarray(x))) for x in leaves), name
         assert key in out.meta, (name, out.meta)
-
-
-def _csv_rows(path):
-    import csv
-
-    with open(path) as f:
-        return list(csv.DictReader(f))
 
 
 # ---------------------------------------------------------------------------------------------------

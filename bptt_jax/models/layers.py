@@ -116,8 +116,9 @@ def attention(query: Array, key: Array, value: Array, *, bias: Optional[Array] =
     query, key, value: (B, N, H, d_h) (flax's layout); bias: broadcastable to (B, H, N, N), added to the logits;
     mask: broadcastable to (B, H, N, N), False entries get no weight; returns (B, N, H, d_h). The two
     products run heads-major, on (B, H, N, d_h) operands: XLA:CPU computes flax's head-interleaved
-    einsums far slower there (one encoder attention, B = 8, d_model 128, N = 216: forward 15.5 → 3.7 ms,
-    forward + backward 14.4 → 11.9 ms; N = 64: 0.91 → 0.73 ms and 2.37 → 2.32 ms; benchmarks/NOTES.md).
+    einsums far slower in forward-only programs (one encoder attention, B = 8, d_model 128: forward
+    15.5–17.5 → 3.7–3.9 ms at N = 216, 0.9–1.2 → 0.7–0.9 ms at N = 64; forward + backward about equal;
+    ``python -m benchmarks.attention``, benchmarks/NOTES.md).
     ``force_fp32_for_softmax``: logits and softmax in float32 (bfloat16 matmuls).
     """
     dtype = query.dtype
@@ -154,15 +155,14 @@ class SelfAttention(nn.Module):
     force_fp32_for_softmax: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, mask: Optional[Array] = None, bias: Optional[Array] = None,
-                 deterministic: bool = True) -> Array:
+    def __call__(self, x: Array, mask: Optional[Array] = None, deterministic: bool = True) -> Array:
         if self.qkv_features % self.num_heads:
             raise ValueError(f"qkv_features {self.qkv_features} is not a multiple of num_heads {self.num_heads}")
         head_dim = self.qkv_features // self.num_heads
         dense = lambda name: nn.DenseGeneral((self.num_heads, head_dim), dtype=self.dtype, name=name)  # noqa: E731
         q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)  # (B, N, H, d_h)
         rng = None if deterministic or self.dropout_rate == 0.0 else self.make_rng("dropout")
-        out = attention(q, k, v, bias=bias, mask=mask, dropout_rate=self.dropout_rate, deterministic=deterministic,
+        out = attention(q, k, v, mask=mask, dropout_rate=self.dropout_rate, deterministic=deterministic,
                         dropout_rng=rng, force_fp32_for_softmax=self.force_fp32_for_softmax)
         return nn.DenseGeneral(self.out_features, axis=(-2, -1), dtype=self.dtype, name="out")(out)
 
