@@ -116,6 +116,7 @@ def _finish(result: dict, times: list[float], steady: bool, work_frames: float |
     """Fill seconds_per_step (median), throughput and memory fields."""
     med = statistics.median(times)
     result["seconds_per_step"] = med
+    result["seconds_min"] = min(times)  # the fastest repeat: least disturbed by other work on a shared VM
     result["seconds_all"] = times
     result["repeats"] = len(times)
     frames, batch = result.get("frames"), result.get("batch")

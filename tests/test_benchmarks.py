@@ -51,6 +51,30 @@ def test_case_selection():
                                                                                  "rollout_torch_n8"}
 
 
+def test_derived_ratios_median_and_fastest_repeat():
+    """JAX-vs-PyTorch ratios are derived from the medians and, separately, from the fastest repeats."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.run import derive, tables
+
+    def row(name, impl, mode, med, fastest, rss):
+        return dict(name=name, impl=impl, mode=mode, batch=8, atoms=64, frames=75, preset="bench", n_params=10,
+                    seconds_per_step=med, seconds_min=fastest, peak_rss_mb=rss, flops=2e11 if impl == "jax" else None)
+
+    rows = [dict(name="matmul_jax", impl="jax", mode="matmul", peak_flops_per_s=2e11, seconds_per_step=0.1,
+                 peak_rss_mb=1),
+            row("bptt_jax_remat_n64", "jax", "remat", 2.8, 2.7, 1000.0),
+            row("bptt_torch_full_n64", "torch", "full", 3.0, 2.0, 2000.0)]
+    assert derive(rows) == []
+    jax_row = rows[1]
+    assert jax_row["torch_reference"] == "bptt_torch_full_n64"
+    assert jax_row["jax_speedup_vs_torch"] == pytest.approx(3.0 / 2.8)
+    assert jax_row["jax_speedup_vs_torch_min"] == pytest.approx(2.0 / 2.7)
+    assert jax_row["jax_over_torch_peak_rss"] == pytest.approx(0.5)
+    assert "jax_speedup_vs_torch_min" not in rows[2]  # remat vs full: not a like-for-like pair for the PyTorch row
+    md = tables(rows)
+    assert "| bptt_jax_remat_n64 | remat | 64 | 2.8 | bptt_torch_full_n64 | 3 | 0.933 | 1.07x | 2.7 | 2 | 0.74x |" in md
+
+
 @pytest.mark.skipif(not HAS_TORCH, reason="torch (extra 'bench') not installed")
 def test_torch_reference_matches_flax():
     """The PyTorch ADAPT with the flax parameters gives the same forces, loss and gradient norm."""
