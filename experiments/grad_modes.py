@@ -15,6 +15,7 @@ Three parts, each appending JSON lines under ``results/grad_modes/`` and a repor
     python -m experiments.grad_modes cost
     python -m experiments.grad_modes cosine --pretrained runs/large
     python -m experiments.grad_modes quality --pretrained runs/large
+    python -m experiments.grad_modes seeds --pretrained runs/base --windows 10 25 40 --seeds 0 1 2
     python -m experiments.grad_modes report
 """
 
@@ -209,45 +210,75 @@ def run_cosine(args) -> None:
 # quality
 
 
+def _pretrained_eta(args) -> float:
+    if args.eta is not None:
+        return args.eta
+    return float(json.loads((Path(args.pretrained) / "results.json").read_text())["constant_step_best"])
+
+
+def _finetune(name: str, extra: list[str], args, eta: float, window: int, run_dir: Path) -> dict:
+    """Fine-tune the pretrained model with the training CLI (one variant) and read its test results."""
+    cmd = [sys.executable, "-m", "bptt_jax.train", f"model.init_from={Path(args.pretrained).resolve()}",
+           f"eval.step_grid=[{eta}]", "eval.fire=false", "progress=false", "plots=false",
+           f"finetune.epochs={args.epochs}", f"relax.window={window}", "relax.remat_segment=0",
+           f"hydra.run.dir={run_dir}", *extra]
+    t0 = time.time()
+    if args.reuse and (run_dir / "results.json").exists():  # a finished run of this variant: read it
+        proc = subprocess.CompletedProcess(cmd, 0)
+    else:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return {"mode": name, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    res = json.loads((run_dir / "results.json").read_text())
+    per = res["per_structure"]
+    return {"mode": name, "avg_dq": res["avg_dq"]["bptt"],
+            "constant_step": res["avg_dq"]["constant_step"], "initial": res["avg_dq"]["initial"],
+            "reduction_pct": res["reduction_pct"], "basin_threshold": args.basin,
+            "in_basin": int(sum(v < args.basin for v in per["bptt"])),
+            "in_basin_constant_step": int(sum(v < args.basin for v in per["constant_step"])),
+            "n_test": res["n_test"], "bptt_s": res["wall_s"]["bptt"],
+            "seconds_per_bptt_step": res.get("seconds_per_bptt_step"), "epochs": args.epochs,
+            "diverged": res["diverged"]["bptt"], "step_size_final": res["step_size_final"],
+            "window": window if name.split("@")[0].split("+")[0] in ("truncated", "guided") else None,
+            "per_structure": per["bptt"], "pretrained": str(args.pretrained), "wall_s": round(time.time() - t0, 1)}
+
+
+def _append(path: Path, row: dict) -> None:
+    print(json.dumps({k: v for k, v in row.items() if k != "per_structure"}), flush=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
 def run_quality(args) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    eta = args.eta
-    if eta is None:
-        eta = float(json.loads((Path(args.pretrained) / "results.json").read_text())["constant_step_best"])
+    eta = _pretrained_eta(args)
     variants = [(m, [f"relax.grad_mode={m}"]) for m in args.modes]
     if args.fire:
         variants.append(("full+fire", ["relax.grad_mode=full", "finetune.rule=fire"]))
     for name, extra in variants:
         name = name + args.tag
-        extra = [*extra, *args.set]
-        run_dir = ROOT / "runs" / "grad_modes" / name
-        cmd = [sys.executable, "-m", "bptt_jax.train", f"model.init_from={Path(args.pretrained).resolve()}",
-               f"eval.step_grid=[{eta}]", "eval.fire=false", "progress=false", "plots=false",
-               f"finetune.epochs={args.epochs}", f"relax.window={args.window}", "relax.remat_segment=0",
-               f"hydra.run.dir={run_dir}", *extra]
-        t0 = time.time()
-        if args.reuse and (run_dir / "results.json").exists():  # a finished run of this variant: read it
-            proc = subprocess.CompletedProcess(cmd, 0)
-        else:
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if proc.returncode != 0:
-            row = {"part": "quality", "mode": name, "error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
-        else:
-            res = json.loads((run_dir / "results.json").read_text())
-            per = res["per_structure"]
-            row = {"part": "quality", "mode": name, "avg_dq": res["avg_dq"]["bptt"],
-                   "constant_step": res["avg_dq"]["constant_step"], "initial": res["avg_dq"]["initial"],
-                   "reduction_pct": res["reduction_pct"], "basin_threshold": args.basin,
-                   "in_basin": int(sum(v < args.basin for v in per["bptt"])),
-                   "in_basin_constant_step": int(sum(v < args.basin for v in per["constant_step"])),
-                   "n_test": res["n_test"], "bptt_s": res["wall_s"]["bptt"],
-                   "seconds_per_bptt_step": res.get("seconds_per_bptt_step"), "epochs": args.epochs,
-                   "diverged": res["diverged"]["bptt"], "step_size_final": res["step_size_final"],
-                   "window": args.window if name.split("@")[0].split("+")[0] in ("truncated", "guided") else None,
-                   "wall_s": round(time.time() - t0, 1)}
-        print(json.dumps(row), flush=True)
-        with (OUT / "quality.jsonl").open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        row = _finetune(name, [*extra, *args.set], args, eta, args.window, ROOT / "runs" / "grad_modes" / name)
+        _append(OUT / "quality.jsonl", {"part": "quality", **row})
+
+
+def run_seeds(args) -> None:
+    """Seed spread of fine-tuned quality: every (mode, window) variant at a fixed step size, once per seed
+    (the seed sets the order of the training batches and any initialisation not taken from the pretrained
+    model), so that a mode's difference from ``full`` can be compared with full's own seed-to-seed spread."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    eta = _pretrained_eta(args)
+    label = args.label or Path(args.pretrained).name
+    variants = []
+    for mode in args.modes:
+        for w in (args.windows if mode in ("truncated", "guided") else [None]):
+            variants.append((mode if w is None else f"{mode}-w{w}", mode, w))
+    for seed in args.seeds:  # seed-major: an interrupted study still holds complete pairs
+        for name, mode, w in variants:
+            run_dir = ROOT / "runs" / "grad_modes" / "seeds" / label / f"{name}-s{seed}"
+            row = _finetune(name, [f"relax.grad_mode={mode}", "finetune.step_mode=fixed", f"seed={seed}", *args.set],
+                            args, eta, w or WINDOW, run_dir)
+            _append(OUT / "seeds.jsonl", {"part": "seeds", "study": label, "variant": name, "seed": seed,
+                                          "eta": eta, **row})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -261,6 +292,40 @@ def _latest(path: Path, key) -> dict:
             r = json.loads(line)
             rows[key(r)] = r
     return rows
+
+
+def seeds_section(path: Path) -> list[str]:
+    """Markdown of the seed-spread study: per variant the test Avg Dq over seeds and, seed by seed, its
+    difference from ``full`` with the same seed (the latest row of each study/variant/seed counts)."""
+    rows = _latest(path, lambda r: (r["study"], r["variant"], r["seed"]))
+    out: list[str] = []
+    for study in sorted({k[0] for k in rows}):
+        mine = {k[1:]: r for k, r in rows.items() if k[0] == study and "avg_dq" in r}
+        if not mine:
+            continue
+        r0 = next(iter(mine.values()))
+        variants = sorted({v for v, _ in mine}, key=lambda v: (v != "full", v))
+        out += [f"## Seed spread of fine-tuned quality (study `{study}`: pretrained `{r0['pretrained']}`, fixed step "
+                f"{r0['eta']:g}, {r0['epochs']} epochs, test set of {r0['n_test']}; best constant step "
+                f"{r0['constant_step']:.3f})", "",
+                "Each seed fixes the order of the training batches. Δ vs full: the variant's Avg Dq over full's with "
+                "the same seed, minus 1 (negative: better).", "",
+                "| variant | seeds | test Avg Dq per seed | mean ± sd | Δ vs full per seed | mean Δ | s / BPTT step |",
+                "| --- | --- | --- | --- | --- | --- | --- |"]
+        for v in variants:
+            seeds = sorted(s for vv, s in mine if vv == v)
+            dq = [mine[(v, s)]["avg_dq"] for s in seeds]
+            sd = statistics.stdev(dq) if len(dq) > 1 else 0.0
+            deltas = [mine[(v, s)]["avg_dq"] / mine[("full", s)]["avg_dq"] - 1 for s in seeds if ("full", s) in mine]
+            sps = [mine[(v, s)].get("seconds_per_bptt_step") for s in seeds]
+            sps = [x for x in sps if x]
+            out.append(f"| {v} | {', '.join(map(str, seeds))} | {' / '.join(f'{x:.3f}' for x in dq)} | "
+                       f"{statistics.mean(dq):.3f} ± {sd:.3f} | "
+                       f"{' / '.join(f'{100 * d:+.1f}%' for d in deltas) if v != 'full' else '–'} | "
+                       f"{f'{100 * statistics.mean(deltas):+.1f}%' if deltas and v != 'full' else '–'} | "
+                       f"{f'{statistics.median(sps):.2f}' if sps else ''} |")
+        out.append("")
+    return out
 
 
 def run_report(args) -> None:
@@ -346,6 +411,7 @@ def run_report(args) -> None:
                                  f"| {mode} | {r['avg_dq']:.3f} | {r['reduction_pct']:.1f}% | {r['in_basin']} | | "
                                  f"{r['bptt_s']:.0f} |")
             lines.append("")
+    lines += seeds_section(OUT / "seeds.jsonl")
     (ROOT / "results").mkdir(exist_ok=True)
     (ROOT / "results" / "grad_modes.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -378,10 +444,23 @@ def main(argv=None) -> None:
     q.add_argument("--reuse", action="store_true", help="read variants whose run directory has results.json")
     q.add_argument("--eta", type=float, default=None,
                    help="initial step size (default: the pretrained run's best constant step)")
+    d = sub.add_parser("seeds")
+    d.add_argument("--pretrained", required=True)
+    d.add_argument("--modes", nargs="+", default=["full", "truncated"])
+    d.add_argument("--windows", nargs="+", type=int, default=[10, 25, 40], help="truncated / guided windows")
+    d.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    d.add_argument("--epochs", type=int, default=5)
+    d.add_argument("--basin", type=float, default=3.0)
+    d.add_argument("--set", nargs="*", default=[], help="extra CLI overrides for every variant")
+    d.add_argument("--label", default="", help="name of the study (default: the pretrained run's directory name)")
+    d.add_argument("--reuse", action="store_true", help="read variants whose run directory has results.json")
+    d.add_argument("--eta", type=float, default=None,
+                   help="fixed step size (default: the pretrained run's best constant step)")
     sub.add_parser("report")
     args = ap.parse_args(argv)
     os.chdir(ROOT)
-    {"cost": run_cost, "cosine": run_cosine, "quality": run_quality, "report": run_report}[args.cmd](args)
+    {"cost": run_cost, "cosine": run_cosine, "quality": run_quality, "seeds": run_seeds,
+     "report": run_report}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -57,3 +57,23 @@ def test_report_tables(tmp_path, monkeypatch):
     assert "| 0.25 / 0.50 |" in ratio and "| 0.50 / 0.20 |" in ratio and ratio.endswith("| – |")
     assert "| truncated | 0.8000 | 0.7000 | 0.200 |" in text
     assert "| full | 5.000 | 28.6% | 9 | 2.50 | 100 |" in text and "| implicit | failed: boom" in text
+
+
+def test_seed_spread_section(tmp_path):
+    def row(variant, seed, dq, sps):
+        return {"part": "seeds", "study": "base", "variant": variant, "seed": seed, "eta": 0.005, "avg_dq": dq,
+                "pretrained": "runs/base", "epochs": 5, "n_test": 100, "constant_step": 7.4,
+                "seconds_per_bptt_step": sps}
+
+    path = tmp_path / "seeds.jsonl"
+    _write(path, [row("full", 0, 9.9, 2.0), row("full", 0, 6.0, 2.0), row("full", 1, 5.0, 2.2),
+                  row("truncated-w10", 0, 6.6, 0.5), row("truncated-w10", 1, 5.0, 0.7),
+                  {"part": "seeds", "study": "base", "variant": "truncated-w25", "seed": 0, "mode": "truncated-w25",
+                   "error": "boom"}])
+    lines = grad_modes.seeds_section(path)
+    assert lines[0].startswith("## Seed spread") and "fixed step 0.005" in lines[0]
+    full = next(line for line in lines if line.startswith("| full |"))
+    assert "| 0, 1 | 6.000 / 5.000 | 5.500 ± 0.707 | – | – | 2.10 |" in full  # the later seed-0 row counts
+    trunc = next(line for line in lines if line.startswith("| truncated-w10 |"))
+    assert "| +10.0% / +0.0% | +5.0% | 0.60 |" in trunc
+    assert not any("truncated-w25" in line for line in lines)  # failed runs have no Avg Dq to show
