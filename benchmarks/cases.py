@@ -104,7 +104,8 @@ def _xla_memory(compiled, result: dict, spec: dict) -> None:
 
 
 def _base(spec: dict) -> dict[str, Any]:
-    keys = ("name", "impl", "mode", "batch", "atoms", "frames", "d_model", "layers", "heads", "ffn", "preset")
+    keys = ("name", "impl", "mode", "batch", "atoms", "frames", "d_model", "layers", "heads", "ffn", "preset",
+            "devices")
     out = {k: spec.get(k) for k in keys}
     out["host"] = {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()}
     # Load average when the case started: measurements taken next to other CPU work are not comparable.
@@ -150,6 +151,20 @@ def _jax_setup(spec: dict):
                                   n_atoms=spec["atoms"])
     model = build_model("adapt", spec["preset"])
     return jax, model, batch, PRESETS["adapt"][spec["preset"]]
+
+
+def _data_parallel(spec: dict, jax, batch):
+    """For ``spec["devices"] > 1`` (the driver forces that many CPU devices): the mesh over them and the batch
+    split along it; else (None, batch)."""
+    n = spec.get("devices") or 1
+    if n <= 1:
+        return None, batch
+    from bptt_jax.parallel import data_mesh, shard_batch
+
+    if jax.device_count() != n:
+        raise RuntimeError(f"case asks for {n} devices, JAX has {jax.device_count()}")
+    mesh = data_mesh()
+    return mesh, shard_batch(batch, mesh)
 
 
 def _relax_config(spec: dict, mode: str, frames: int, **extra):
@@ -198,6 +213,12 @@ def jax_rollout(spec: dict) -> dict:
     frames = spec["frames"]
     bptt = BPTT(model, _relax_config(spec, "full", frames), OptimConfig())
     params = bptt.init_params(jax.random.PRNGKey(0), batch)
+    batch1, params1 = batch, params  # one-device copies for the FLOP count
+    mesh, batch = _data_parallel(spec, jax, batch)
+    if mesh is not None:
+        from bptt_jax.parallel import replicate
+
+        params = replicate(params, mesh)
 
     def relax(p, b):
         r = bptt.rollout(p, b, None, mode="while")
@@ -219,11 +240,11 @@ def jax_rollout(spec: dict) -> dict:
     _finish(result, times, steady)
     # FLOPs: XLA counts a while-loop body once, so count one frame and multiply.
     bptt1 = BPTT(model, _relax_config(spec, "full", 1), OptimConfig())
-    one = jax.jit(lambda p, b: bptt1.rollout(p, b, None, mode="while").positions).lower(params, batch).compile()
+    one = jax.jit(lambda p, b: bptt1.rollout(p, b, None, mode="while").positions).lower(params1, batch1).compile()
     per_frame = _flops(one)
     result["flops_per_frame"] = per_frame
     result["flops"] = per_frame * frames if per_frame else None
-    result["final_mean_disp"] = float(np.mean(np.linalg.norm(np.asarray(out[0] - batch.positions), axis=-1)))
+    result["final_mean_disp"] = float(np.mean(np.linalg.norm(np.asarray(out[0]) - np.asarray(batch1.positions), axis=-1)))
     return result
 
 
@@ -237,6 +258,15 @@ def jax_bptt(spec: dict) -> dict:
     key = jax.random.PRNGKey(0)
     params = bptt.init_params(key, batch)
     state0 = bptt.init_state(params, key)
+    batch1, state1 = batch, state0  # one-device copies for the FLOP count
+    mesh, batch = _data_parallel(spec, jax, batch)
+    if mesh is None:
+        train_step, extra_args = bptt.train_step, ()
+    else:  # data parallel: the pipeline's sharded step (state replicated, batch split over the devices)
+        from bptt_jax.parallel import replicate, shard_train_step
+
+        state0 = replicate(state0, mesh)
+        train_step, extra_args = shard_train_step(bptt, mesh), (None,)
 
     result = _base(spec)
     _model_info(result, cfg, count_params(params["model"]), jax.__version__)
@@ -246,13 +276,13 @@ def jax_bptt(spec: dict) -> dict:
                                        "step_size")}
     result["baseline_rss_mb"] = rss_mb()
     t0 = time.perf_counter()
-    compiled = bptt.train_step.lower(state0, batch).compile()
+    compiled = train_step.lower(state0, batch, *extra_args).compile()
     result["compile_s"] = time.perf_counter() - t0
     _xla_memory(compiled, result, spec)
     holder = {"state": state0}
 
     def step():
-        state, metrics = compiled(holder["state"], batch)
+        state, metrics = compiled(holder["state"], batch, *extra_args)
         jax.block_until_ready((state, metrics))
         holder["state"] = state
         return metrics
@@ -269,9 +299,9 @@ def jax_bptt(spec: dict) -> dict:
     fwd_cfg = _relax_config(spec, "full", 1)
     b_fwd = BPTT(model, fwd_cfg, OptimConfig())
     fwd = _flops(jax.jit(lambda p, b: b_fwd.rollout(p, b, None, mode="while").positions)
-                 .lower(params, batch).compile())
+                 .lower(params, batch1).compile())
     b_step = BPTT(model, fwd_cfg, OptimConfig())
-    fb = _flops(b_step.train_step.lower(state0, batch).compile())
+    fb = _flops(b_step.train_step.lower(state1, batch1).compile())
     result["flops_per_frame_fwd"], result["flops_per_frame_fwd_bwd"] = fwd, fb
     flops = None
     if fwd and fb:

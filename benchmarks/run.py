@@ -78,6 +78,13 @@ def build_cases(quick: bool = False, torch_threads: int = 2) -> list[dict[str, A
                               **common))
         cases.append(dict(name=f"bptt_torch_full_n{n}", case="torch_bptt", impl="torch", mode="full", atoms=n,
                           threads=torch_threads, model_cfg=cfg, **common))
+        # Data parallel over 2 forced CPU devices (the batch split 4 + 4; parallel.shard_train_step): the
+        # single-threaded parts (elementwise fusions, copies) of the two halves then run side by side.
+        cases.append(dict(name=f"rollout_jax_n{n}_dp2", case="jax_rollout", impl="jax", mode="rollout", atoms=n,
+                          devices=2, **common))
+        for mode in ("full", "remat"):
+            cases.append(dict(name=f"bptt_jax_{mode}_n{n}_dp2", case="jax_bptt", impl="jax", mode=mode, atoms=n,
+                              devices=2, **common))
     for p in relax["presets"]:
         pc = PRESETS["adapt"][p]
         rc = dict(n_structures=relax["n_structures"], atoms=relax["atoms"], frames=relax["frames"], preset=p,
@@ -130,8 +137,11 @@ def run_case(spec: dict, timeout: float, max_rss_mb: Optional[float] = None, xla
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if xla_flags:
-        add_xla_flags(xla_flags.split(), env)
+    flags = xla_flags.split()
+    if (spec.get("devices") or 1) > 1:  # data-parallel case: that many CPU devices
+        flags.append(f"--xla_force_host_platform_device_count={spec['devices']}")
+    if flags:
+        add_xla_flags(flags, env)
     if malloc_hugepages:
         # glibc backs large allocations with transparent huge pages: a full-unroll tape (GBs, allocated anew by
         # every step) then costs a few thousand page faults per step instead of ~900,000 (benchmarks/NOTES.md).
@@ -183,14 +193,15 @@ def run_case(spec: dict, timeout: float, max_rss_mb: Optional[float] = None, xla
 
 def _key(row: dict) -> tuple:
     kind = row["name"].split("_")[0]
-    return kind, row.get("mode"), row.get("atoms"), row.get("batch"), row.get("frames"), row.get("preset")
+    return (kind, row.get("mode"), row.get("atoms"), row.get("batch"), row.get("frames"), row.get("preset"),
+            row.get("devices") or 1)
 
 
 def _torch_reference(row: dict, by_key: dict) -> Optional[dict]:
     """The PyTorch row a JAX row is compared with: the rollout, or the full-unroll BPTT step (PyTorch has
-    no other gradient mode), at the same sizes."""
-    kind, mode, *rest = _key(row)
-    return by_key.get(("torch", kind, "rollout" if kind == "rollout" else "full", *rest))
+    no other gradient mode), at the same sizes (PyTorch runs on one device with its threads)."""
+    kind, mode, *rest, _devices = _key(row)
+    return by_key.get(("torch", kind, "rollout" if kind == "rollout" else "full", *rest, 1))
 
 
 def derive(rows: list[dict]) -> list[str]:
@@ -232,7 +243,8 @@ def derive(rows: list[dict]) -> list[str]:
                 if r.get("seconds_min") and ref.get("seconds_min"):  # fastest repeat against fastest repeat
                     r["torch_seconds_min"] = ref["seconds_min"]
                     r["jax_speedup_vs_torch_min"] = ref["seconds_min"] / r["seconds_min"]
-                if ref.get("mode") == r.get("mode"):  # the like-for-like pair also goes on the PyTorch row
+                if ref.get("mode") == r.get("mode") and (r.get("devices") or 1) == 1:
+                    # the like-for-like pair (same mode, one device) also goes on the PyTorch row
                     for k in ("jax_over_torch_time", "jax_speedup_vs_torch", "jax_over_torch_peak_rss",
                               "jax_speedup_vs_torch_min"):
                         ref[k] = r[k]

@@ -44,11 +44,17 @@ def test_case_selection():
 
     names = [c["name"] for c in build_cases(quick=False)]
     for required in ("rollout_jax_n64", "rollout_torch_n216", "bptt_jax_full_n64", "bptt_jax_remat_n216",
-                     "bptt_torch_full_n64", "relax100_ase_bench", "relax100_batched_bench", "matmul_jax"):
+                     "bptt_torch_full_n64", "relax100_ase_bench", "relax100_batched_bench", "matmul_jax",
+                     "bptt_jax_remat_n64_dp2", "rollout_jax_n216_dp2"):
         assert required in names
-    assert [c["name"] for c in select(build_cases(quick=True), ["bptt_jax_full"])] == ["bptt_jax_full_n8"]
+    assert [c["name"] for c in select(build_cases(quick=True), ["bptt_jax_full"])] == ["bptt_jax_full_n8",
+                                                                                    "bptt_jax_full_n8_dp2"]
     assert {c["name"] for c in select(build_cases(quick=True), ["rollout"])} == {"rollout_jax_n8",
-                                                                                 "rollout_torch_n8"}
+                                                                                 "rollout_torch_n8",
+                                                                                 "rollout_jax_n8_dp2"}
+    assert {c["name"] for c in select(build_cases(quick=True), ["*_dp2"])} == {
+        "rollout_jax_n8_dp2", "bptt_jax_full_n8_dp2", "bptt_jax_remat_n8_dp2"}
+    assert all(c["devices"] == 2 for c in select(build_cases(quick=True), ["*_dp2"]))
 
 
 def test_derived_ratios_median_and_fastest_repeat():
@@ -71,6 +77,13 @@ def test_derived_ratios_median_and_fastest_repeat():
     assert jax_row["jax_speedup_vs_torch_min"] == pytest.approx(2.0 / 2.7)
     assert jax_row["jax_over_torch_peak_rss"] == pytest.approx(0.5)
     assert "jax_speedup_vs_torch_min" not in rows[2]  # remat vs full: not a like-for-like pair for the PyTorch row
+    # A data-parallel JAX row is compared with the one-device PyTorch row, which keeps its own pair's ratio.
+    rows += [row("bptt_jax_full_n64", "jax", "full", 2.5, 2.4, 4000.0),
+             dict(row("bptt_jax_full_n64_dp2", "jax", "full", 2.0, 1.9, 4100.0), devices=2)]
+    derive(rows)
+    assert rows[3]["jax_speedup_vs_torch"] == pytest.approx(3.0 / 2.5)
+    assert rows[4]["torch_reference"] == "bptt_torch_full_n64" and rows[4]["jax_speedup_vs_torch"] == pytest.approx(1.5)
+    assert rows[2]["jax_speedup_vs_torch"] == pytest.approx(3.0 / 2.5)
     md = tables(rows)
     assert "| bptt_jax_remat_n64 | remat | 64 | 2.8 | bptt_torch_full_n64 | 3 | 0.933 | 1.07x | 2.7 | 2 | 0.74x |" in md
 
