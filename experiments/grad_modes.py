@@ -239,7 +239,7 @@ def _finetune(name: str, extra: list[str], args, eta: float, window: int, run_di
             "n_test": res["n_test"], "bptt_s": res["wall_s"]["bptt"],
             "seconds_per_bptt_step": res.get("seconds_per_bptt_step"), "epochs": args.epochs,
             "diverged": res["diverged"]["bptt"], "step_size_final": res["step_size_final"],
-            "window": window if name.split("@")[0].split("+")[0] in ("truncated", "guided") else None,
+            "window": window if any(f"relax.grad_mode={m}" in extra for m in ("truncated", "guided")) else None,
             "per_structure": per["bptt"], "pretrained": str(args.pretrained), "wall_s": round(time.time() - t0, 1)}
 
 
@@ -310,8 +310,9 @@ def seeds_section(path: Path) -> list[str]:
                 f"{r0['constant_step']:.3f})", "",
                 "Each seed fixes the order of the training batches. Δ vs full: the variant's Avg Dq over full's with "
                 "the same seed, minus 1 (negative: better).", "",
-                "| variant | seeds | test Avg Dq per seed | mean ± sd | Δ vs full per seed | mean Δ | s / BPTT step |",
-                "| --- | --- | --- | --- | --- | --- | --- |"]
+                "| variant | seeds | test Avg Dq per seed | mean ± sd | Δ vs full per seed | mean Δ | diverged test "
+                "relaxations per seed | s / BPTT step |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for v in variants:
             seeds = sorted(s for vv, s in mine if vv == v)
             dq = [mine[(v, s)]["avg_dq"] for s in seeds]
@@ -323,6 +324,7 @@ def seeds_section(path: Path) -> list[str]:
                        f"{statistics.mean(dq):.3f} ± {sd:.3f} | "
                        f"{' / '.join(f'{100 * d:+.1f}%' for d in deltas) if v != 'full' else '–'} | "
                        f"{f'{100 * statistics.mean(deltas):+.1f}%' if deltas and v != 'full' else '–'} | "
+                       f"{' / '.join(str(mine[(v, s)].get('diverged', '?')) for s in seeds)} | "
                        f"{f'{statistics.median(sps):.2f}' if sps else ''} |")
         out.append("")
     return out

@@ -62,6 +62,7 @@ def test_report_tables(tmp_path, monkeypatch):
 def test_seed_spread_section(tmp_path):
     def row(variant, seed, dq, sps):
         return {"part": "seeds", "study": "base", "variant": variant, "seed": seed, "eta": 0.005, "avg_dq": dq,
+                "diverged": seed,
                 "pretrained": "runs/base", "epochs": 5, "n_test": 100, "constant_step": 7.4,
                 "seconds_per_bptt_step": sps}
 
@@ -73,7 +74,7 @@ def test_seed_spread_section(tmp_path):
     lines = grad_modes.seeds_section(path)
     assert lines[0].startswith("## Seed spread") and "fixed step 0.005" in lines[0]
     full = next(line for line in lines if line.startswith("| full |"))
-    assert "| 0, 1 | 6.000 / 5.000 | 5.500 ± 0.707 | – | – | 2.10 |" in full  # the later seed-0 row counts
+    assert "| 0, 1 | 6.000 / 5.000 | 5.500 ± 0.707 | – | – | 0 / 1 | 2.10 |" in full  # the later seed-0 row counts
     trunc = next(line for line in lines if line.startswith("| truncated-w10 |"))
-    assert "| +10.0% / +0.0% | +5.0% | 0.60 |" in trunc
+    assert "| +10.0% / +0.0% | +5.0% | 0 / 1 | 0.60 |" in trunc
     assert not any("truncated-w25" in line for line in lines)  # failed runs have no Avg Dq to show
