@@ -55,7 +55,12 @@ def config_from_hydra(cfg: DictConfig, run_dir: str) -> RunConfig:
 def main(cfg: DictConfig) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
     OmegaConf.save(cfg, Path(run_dir) / "config_resolved.yaml", resolve=True)
-    added = add_xla_flags(list(cfg.get("xla_flags") or []))  # before the first JAX computation
+    flags = list(cfg.get("xla_flags") or [])
+    n_cpu = int(cfg.get("cpu_devices") or 1)
+    if n_cpu > 1 and not (cfg.get("distributed") or {}).get("enabled"):
+        # The host CPU as n_cpu XLA devices: BPTT then runs data parallel over them (GPU/TPU runs ignore it).
+        flags.append(f"--xla_force_host_platform_device_count={n_cpu}")
+    added = add_xla_flags(flags)  # before the first JAX computation
     if added:
         log.info("XLA_FLAGS += %s", " ".join(added))
     try:

@@ -62,6 +62,8 @@ def test_tiny_end_to_end_run_and_resume(tmp_path):
     assert (run_dir / "checkpoints" / "bptt" / "1").is_dir()
     rows = _rows(run_dir)
     assert [r["epoch"] for r in rows if r["stage"] == "bptt"] == ["1"]
+    # The default cpu_devices=2: the CPU is split into 2 XLA devices and BPTT runs data parallel over them.
+    assert "BPTT data parallel over 2 devices" in (run_dir / "train.log").read_text()
 
     # Resume with a longer budget: epoch 1 is kept, epoch 2 is added, pretraining is not repeated.
     r = _train(tmp_path, f"hydra.run.dir={run_dir}", "train.resume=true", "finetune.epochs=2")
@@ -77,10 +79,11 @@ def test_tiny_end_to_end_run_and_resume(tmp_path):
 def test_multirun_sweep_writes_a_summary(tmp_path):
     sweep = tmp_path / "sweep"
     r = _train(tmp_path, "relax.step_size=0.02,0.05", f"hydra.sweep.dir={sweep}", "eval.fire=false",
-               multirun=True)
+               "cpu_devices=1", multirun=True)
     assert r.returncode == 0, r.stderr[-3000:]
     runs = sorted(p.parent for p in sweep.glob("*/results.json"))
     assert len(runs) == 2
+    assert not any("data parallel" in (p / "train.log").read_text() for p in runs)  # cpu_devices=1: one device
     inits = sorted(json.loads((p / "results.json").read_text())["step_size_initial"] for p in runs)
     assert inits == [0.02, 0.05]
     summary = (sweep / "summary.md").read_text()
