@@ -164,7 +164,7 @@ def _data_parallel(spec: dict, jax, batch):
     if jax.device_count() != n:
         raise RuntimeError(f"case asks for {n} devices, JAX has {jax.device_count()}")
     mesh = data_mesh()
-    return mesh, shard_batch(batch, mesh)
+    return mesh, None if batch is None else shard_batch(batch, mesh)
 
 
 def _relax_config(spec: dict, mode: str, frames: int, **extra):
@@ -512,10 +512,16 @@ def relax_batched(spec: dict) -> dict:
     params = {"model": variables}
     structs = [Structure.from_atoms(a) for a in atoms_list]
     result["baseline_rss_mb"] = rss_mb()
+    mesh, _ = _data_parallel(spec, jax, None)
+    if mesh is not None:  # data parallel: each batch split over the devices (padded to a multiple of them)
+        from bptt_jax.parallel import replicate, shard_batch
+
+        params = replicate(params, mesh)
 
     def batches():  # host → device batching is part of the job, as the ASE loop's per-call conversion is
         for i in range(0, len(structs), bs):
-            yield Batch.from_structures(structs[i:i + bs], n_atoms=spec["atoms"], batch_size=bs)
+            b = Batch.from_structures(structs[i:i + bs], n_atoms=spec["atoms"], batch_size=bs)
+            yield b if mesh is None else shard_batch(b, mesh)
 
     first = next(batches())
     t0 = time.perf_counter()
@@ -528,16 +534,18 @@ def relax_batched(spec: dict) -> dict:
         finals.clear()
         for b in batches():
             r = bptt.relax_batch(params, b, mode="while")
-            finals.append((np.asarray(r.positions), np.asarray(r.frames), b))
+            n = min(bs, len(structs) - bs * len(finals))  # real structures of this batch (the rest is padding)
+            finals.append((np.asarray(r.positions)[:n], np.asarray(r.frames)[:n], np.asarray(b.positions)[:n]))
 
     steady = reset_hwm()
     times = timed(relax_all, spec["repeats"])
     _finish(result, times, steady, work_frames=len(atoms_list) * frames)
     result["structures_per_s"] = len(atoms_list) / result["seconds_per_step"]
-    frames_done = np.concatenate([f for _, f, b in finals])[:len(atoms_list)]
-    assert int(frames_done.min()) == frames, "every structure must run exactly `frames` frames"
-    disp = np.concatenate([np.linalg.norm(p - np.asarray(b.positions), axis=-1).mean(-1) for p, _, b in finals])
-    result["final_mean_disp"] = float(disp[:len(atoms_list)].mean())
+    frames_done = np.concatenate([f for _, f, _ in finals])
+    assert frames_done.size == len(atoms_list) and int(frames_done.min()) == frames, \
+        "every structure must run exactly `frames` frames"
+    disp = np.concatenate([np.linalg.norm(p - p0, axis=-1).mean(-1) for p, _, p0 in finals])
+    result["final_mean_disp"] = float(disp.mean())
     return result
 
 

@@ -213,13 +213,21 @@ class BPTT:
         backward time follow the batch rather than the budget. One compilation per (size bucket, length).
         The other gradient modes stop early by construction and go straight to ``train_step``.
         """
+        length = self.fit_length(state, batch)
+        if length is None:
+            return self.train_step(state, batch, ref_params)
+        return self._train_step_frames(state, batch, ref_params, n_frames=length)
+
+    def fit_length(self, state: TrainState, batch: Batch) -> Optional[int]:
+        """The scan length :meth:`fit_step` differentiates (None: the whole ``max_frames`` scan of
+        ``train_step``): the frames an early-exit forward pass of ``batch`` needs, rounded up to a multiple of
+        ``relax.length_quantum``. Works on sharded inputs as well (:func:`bptt_jax.parallel.shard_fit_step`)."""
         q = self.relax.length_quantum
         if q <= 0 or self.relax.grad_mode not in ("full", "remat"):
-            return self.train_step(state, batch, ref_params)
+            return None
         _, key = jax.random.split(state.rng)
         needed = int(self._frames_needed(state.params, batch, key))
-        length = min(self.relax.max_frames, max(q, -(-needed // q) * q))
-        return self._train_step_frames(state, batch, ref_params, n_frames=length)
+        return min(self.relax.max_frames, max(q, -(-needed // q) * q))
 
     def _needed(self, params: Params, batch: Batch, key: Array) -> Array:
         use_key = key if (self.relax.dropout or self.relax.noise) else None

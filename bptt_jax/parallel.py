@@ -228,5 +228,20 @@ def shard_train_step(bptt, mesh: Mesh) -> Callable:
     return jax.jit(bptt._train_step, in_shardings=(rep, data, rep), out_shardings=(rep, rep))
 
 
+def shard_fit_step(bptt, mesh: Mesh) -> Callable:
+    """:meth:`BPTT.fit_step <bptt_jax.bptt.BPTT.fit_step>` for ``mesh`` (same arguments as
+    :func:`shard_train_step`): with ``relax.length_quantum > 0`` an early-exit forward pass on the sharded batch
+    finds the frames it needs and the differentiated scan runs only that many (one compilation per length);
+    otherwise it is the sharded train step.
+    """
+    rep, data = replicated(mesh), batch_sharding(mesh)
+    step = jax.jit(bptt._train_step, in_shardings=(rep, data, rep), out_shardings=(rep, rep), static_argnums=(3,))
+
+    def fit(state, batch, ref_params=None):
+        return step(state, batch, ref_params, bptt.fit_length(state, batch))
+
+    return fit
+
+
 __all__ = ["DATA_AXIS", "DistributedConfig", "batch_sharding", "data_mesh", "initialize", "is_primary", "local_mesh_size",
-           "pad_batch", "replicate", "replicated", "shard_batch", "shard_train_step", "sync", "unreplicate"]
+           "pad_batch", "replicate", "replicated", "shard_batch", "shard_fit_step", "shard_train_step", "sync", "unreplicate"]

@@ -555,7 +555,7 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     train_step, mesh = bptt.fit_step, None
     if jax.device_count() > 1:
         mesh = parallel.data_mesh()
-        train_step = parallel.shard_train_step(bptt, mesh)
+        train_step = parallel.shard_fit_step(bptt, mesh)
         state, ref_params = parallel.replicate((state, ref_params), mesh)
         log.info("BPTT data parallel over %d devices (%d processes)", mesh.size, jax.process_count())
     epoch_eval = bptt  # test Dq each epoch with the model's own (possibly learned) step

@@ -53,7 +53,7 @@ def test_case_selection():
                                                                                  "rollout_torch_n8",
                                                                                  "rollout_jax_n8_dp2"}
     assert {c["name"] for c in select(build_cases(quick=True), ["*_dp2"])} == {
-        "rollout_jax_n8_dp2", "bptt_jax_full_n8_dp2", "bptt_jax_remat_n8_dp2"}
+        "rollout_jax_n8_dp2", "bptt_jax_full_n8_dp2", "bptt_jax_remat_n8_dp2", "relax4_batched_tiny_dp2"}
     assert all(c["devices"] == 2 for c in select(build_cases(quick=True), ["*_dp2"]))
 
 
@@ -84,6 +84,13 @@ def test_derived_ratios_median_and_fastest_repeat():
     assert rows[3]["jax_speedup_vs_torch"] == pytest.approx(3.0 / 2.5)
     assert rows[4]["torch_reference"] == "bptt_torch_full_n64" and rows[4]["jax_speedup_vs_torch"] == pytest.approx(1.5)
     assert rows[2]["jax_speedup_vs_torch"] == pytest.approx(3.0 / 2.5)
+    # Batched relaxations against the ASE loop of the same preset; the ASE row keeps the one-device ratio.
+    relax = [dict(name=f"relax100_{kind}_small{suffix}", impl="jax", mode="rollout", preset="small",
+                  structures_per_s=sps, seconds_per_step=100 / sps, peak_rss_mb=500.0, devices=dev)
+             for kind, suffix, sps, dev in (("ase", "", 5.0, None), ("batched", "", 40.0, None),
+                                            ("batched", "_dp2", 50.0, 2))]
+    derive(rows[:1] + relax)
+    assert [r["batched_speedup_vs_ase"] for r in relax] == pytest.approx([8.0, 8.0, 10.0])
     md = tables(rows)
     assert "| bptt_jax_remat_n64 | remat | 64 | 2.8 | bptt_torch_full_n64 | 3 | 0.933 | 1.07x | 2.7 | 2 | 0.74x |" in md
 

@@ -107,6 +107,18 @@ np.testing.assert_allclose(float(m2["loss"]), float(loss1), rtol=1e-5)
 np.testing.assert_allclose(float(m2["grad_norm"]), float(optax.tree.norm(g1)), rtol=1e-5)
 jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7),
                        p1, s2.params)
+# The sharded fit step (what the pipeline runs): with length_quantum, the early-exit probe on the sharded batch
+# picks a shorter scan, and the step equals the one-device fit_step.
+import dataclasses
+bq = BPTT(bptt.model, dataclasses.replace(bptt.relax, max_frames=24, tol=0.1, length_quantum=4), bptt.optim)
+length = bq.fit_length(state, sharded)
+assert length == bq.fit_length(state, full) == 4, length  # every structure stops after its first frame
+s_one, m_one = bq.fit_step(state, full)
+s_two, m_two = parallel.shard_fit_step(bq, mesh)(parallel.replicate(state, mesh), sharded, None)
+np.testing.assert_allclose(float(m_two["loss"]), float(m_one["loss"]), rtol=1e-5)
+jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7),
+                       s_one.params, s_two.params)
+print("FIT LENGTH", length, flush=True)
 # Compiled gradient time: one device vs two (a tiny problem: the collectives cost more than they save).
 for name, fn, b in (("one", grad_one, full), ("two", grad_two, sharded)):
     jax.block_until_ready(fn(params, b))
