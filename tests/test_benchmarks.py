@@ -17,24 +17,27 @@ REQUIRED = ("name", "impl", "mode", "batch", "atoms", "frames", "d_model", "laye
 
 def test_quick_run_emits_json_lines(tmp_path):
     out = tmp_path / "bench.jsonl"
-    cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--only", "rollout_jax_n8", "bptt_torch_full_n8",
+    # The JAX case is the data-parallel one: its process gets 2 forced CPU devices and a sharded batch.
+    cmd = [sys.executable, "-m", "benchmarks.run", "--quick", "--only", "rollout_jax_n8_dp2", "bptt_torch_full_n8",
            "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert [r["name"] for r in rows] == ["rollout_jax_n8"] + (["bptt_torch_full_n8"] if HAS_TORCH else [])
+    assert [r["name"] for r in rows] == (["bptt_torch_full_n8"] if HAS_TORCH else []) + ["rollout_jax_n8_dp2"]
     for r in rows:
         assert not r.get("error")
         for key in REQUIRED:
             assert key in r and r[key] is not None, (r["name"], key)
         assert r["impl"] in ("jax", "torch") and r["frames"] == 5 and r["batch"] == 2 and r["atoms"] == 8
-        assert r["seconds_per_step"] > 0 and r["peak_rss_mb"] > 0
-    assert rows[0]["mode"] == "rollout" and rows[0]["flops"] > 0
+        assert r["seconds_per_step"] > 0 and r["peak_rss_mb"] >= r["steady_peak_rss_mb"] > 0
+    jax_row = rows[-1]
+    assert jax_row["mode"] == "rollout" and jax_row["flops"] > 0
+    assert jax_row["devices"] == 2 and "--xla_force_host_platform_device_count=2" in jax_row["env"]["XLA_FLAGS"]
     if HAS_TORCH:
-        assert rows[1]["mode"] == "full" and rows[1]["n_params"] == rows[0]["n_params"]
+        assert rows[0]["mode"] == "full" and rows[0]["n_params"] == jax_row["n_params"]
     # The file holds the same rows; the markdown tables are printed and written next to it.
     assert [json.loads(line)["name"] for line in out.read_text().splitlines()] == [r["name"] for r in rows]
-    assert "| rollout_jax_n8 | jax | rollout |" in proc.stdout
+    assert "| rollout_jax_n8_dp2 | jax | rollout |" in proc.stdout
     assert out.with_suffix(".md").exists()
 
 
