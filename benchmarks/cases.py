@@ -75,7 +75,7 @@ def reset_hwm() -> bool:
     counter of this process (Linux ≥ 4.0); False if not permitted."""
     trim_heap()
     global _HWM_BEFORE_RESET
-    _HWM_BEFORE_RESET = max(_HWM_BEFORE_RESET, _status_mb("VmHWM") or 0.0, maxrss_mb())
+    _HWM_BEFORE_RESET = max(_HWM_BEFORE_RESET, maxrss_mb())
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # also resets what getrusage reports as ru_maxrss

@@ -222,10 +222,11 @@ def shard_train_step(bptt, mesh: Mesh) -> Callable:
     ``state`` and ``ref_params`` (may be None) are replicated, ``batch`` is split along ``"data"`` (use
     :func:`shard_batch`; its size must be a multiple of ``mesh.size``); the returned state and metrics are
     replicated. The step is :class:`~bptt_jax.bptt.BPTT`'s own (same loss, same optimiser); XLA adds the
-    cross-device reductions of the batch mean.
+    cross-device reductions of the batch mean. An optional fourth argument ``n_frames`` (static) scans that
+    many frames instead of ``max_frames`` (what :func:`shard_fit_step` passes).
     """
     rep, data = replicated(mesh), batch_sharding(mesh)
-    return jax.jit(bptt._train_step, in_shardings=(rep, data, rep), out_shardings=(rep, rep))
+    return jax.jit(bptt._train_step, in_shardings=(rep, data, rep), out_shardings=(rep, rep), static_argnums=(3,))
 
 
 def shard_fit_step(bptt, mesh: Mesh) -> Callable:
@@ -234,8 +235,7 @@ def shard_fit_step(bptt, mesh: Mesh) -> Callable:
     finds the frames it needs and the differentiated scan runs only that many (one compilation per length);
     otherwise it is the sharded train step.
     """
-    rep, data = replicated(mesh), batch_sharding(mesh)
-    step = jax.jit(bptt._train_step, in_shardings=(rep, data, rep), out_shardings=(rep, rep), static_argnums=(3,))
+    step = shard_train_step(bptt, mesh)
 
     def fit(state, batch, ref_params=None):
         return step(state, batch, ref_params, bptt.fit_length(state, batch))
