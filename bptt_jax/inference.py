@@ -241,6 +241,7 @@ def relax_many(
     key: Optional[Array] = None,
     per_structure_keys: bool = False,
     relaxer: Optional[InFlightRelaxer] = None,
+    mesh: Optional[jax.sharding.Mesh] = None,
 ) -> tuple[list[RelaxOutcome], InferenceStats]:
     """Relax ``structures`` with ``bptt``'s model and update rule, with early exit and in-flight batching.
 
@@ -258,6 +259,9 @@ def relax_many(
         ``relax_batch(params, batch_of_it_alone, k)`` would use, with ``k = key`` (None: PRNGKey(0)) or,
         with ``per_structure_keys``, ``k = jax.random.fold_in(key, i)``.
       relaxer: the compiled function to use (default: the cached one of ``bptt``).
+      mesh: split the slots over this mesh of local devices (:func:`bptt_jax.parallel.local_mesh`;
+        ``batch_size`` must be a multiple of its size), the parameters copied to each device. The outcomes
+        are those of one device.
 
     Returns:
       One :class:`RelaxOutcome` per structure, in input order, and :class:`InferenceStats`.
@@ -268,6 +272,17 @@ def relax_many(
     if targets is not None and len(targets) != len(structures):
         raise ValueError(f"{len(targets)} targets for {len(structures)} structures")
     relaxer = relaxer_for(bptt) if relaxer is None else relaxer
+    split = None  # where slot arrays live: the default device, or split over the mesh
+    if mesh is not None:
+        from bptt_jax import parallel
+
+        if batch_size % mesh.size:
+            raise ValueError(f"batch_size {batch_size} is not a multiple of the mesh's {mesh.size} devices")
+        params = parallel.replicate(parallel.unreplicate(params), mesh)
+        split = parallel.batch_sharding(mesh)
+
+    def put(tree):
+        return jax.device_put(tree, split)
     refill_at = max(1, batch_size // 4) if refill_at is None else int(refill_at)
     max_frames = bptt.relax.max_frames
     n_total = len(structures)
@@ -302,13 +317,13 @@ def relax_many(
                 # Row j of `fresh` is slot j's new structure; other rows are filler, ignored by `replace`.
                 rows = np.full(batch_size, occupant[refill[0]] if refill else 0)
                 rows[refill] = [occupant[j] for j in refill]
-                fresh = jax.device_put(jax.tree_util.tree_map(lambda a: a[rows], padded))
-                slot_keys = jax.device_put(keys[[members[r] for r in rows]])
+                fresh = put(jax.tree_util.tree_map(lambda a: a[rows], padded))
+                slot_keys = put(keys[[members[r] for r in rows]])
             if slots is None:
-                slots = relaxer.empty_slots(params, fresh)
+                slots = put(relaxer.empty_slots(params, fresh))
             limit, want = (chunk_frames, refill_at if refill_at > 0 else never) if queue else (max_frames, never)
-            slots, n_iter, work, loss = relaxer.advance(params, slots, fresh, slot_keys, replace, np.int32(limit),
-                                                        np.int32(want))
+            slots, n_iter, work, loss = relaxer.advance(params, slots, fresh, slot_keys, put(replace),
+                                                        np.int32(limit), np.int32(want))
             chunks += 1
             done, frames, converged, diverged, n_iter, work, loss = jax.device_get(
                 (slots.done, slots.frames, slots.converged, slots.diverged, n_iter, work, loss))

@@ -171,7 +171,7 @@ def shard_batch(batch: Batch, mesh: Mesh, *, process_local: bool = True) -> Batc
       A :class:`Batch` of global ``jax.Array`` s sharded with :func:`batch_sharding`.
     """
     sharding = batch_sharding(mesh)
-    if jax.process_count() == 1:
+    if jax.process_count() == 1 or sharding.is_fully_addressable:  # one process, or a mesh of local devices
         return jax.device_put(pad_batch(batch, mesh.size), sharding)
     if process_local:
         batch = pad_batch(batch, local_mesh_size(mesh))
@@ -185,10 +185,17 @@ def _from_global_host_value(x: np.ndarray, sharding: NamedSharding) -> jax.Array
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
+def local_mesh() -> Optional[Mesh]:
+    """A data mesh over this process's own devices when it has several (None with one): for work each process
+    does alone, such as evaluating a replicated model, split over its local devices without collectives
+    across processes."""
+    return data_mesh(jax.local_devices()) if jax.local_device_count() > 1 else None
+
+
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Copy a pytree of arrays (the same on every process) to every device of ``mesh``."""
     sharding = replicated(mesh)
-    if jax.process_count() == 1:
+    if jax.process_count() == 1 or sharding.is_fully_addressable:
         return jax.device_put(tree, sharding)
     return jax.tree_util.tree_map(lambda x: _from_global_host_value(np.asarray(x), sharding), tree)
 
@@ -243,5 +250,5 @@ def shard_fit_step(bptt, mesh: Mesh) -> Callable:
     return fit
 
 
-__all__ = ["DATA_AXIS", "DistributedConfig", "batch_sharding", "data_mesh", "initialize", "is_primary", "local_mesh_size",
-           "pad_batch", "replicate", "replicated", "shard_batch", "shard_fit_step", "shard_train_step", "sync", "unreplicate"]
+__all__ = ["DATA_AXIS", "DistributedConfig", "batch_sharding", "data_mesh", "initialize", "is_primary", "local_mesh",
+           "local_mesh_size", "pad_batch", "replicate", "replicated", "shard_batch", "shard_fit_step", "shard_train_step", "sync", "unreplicate"]

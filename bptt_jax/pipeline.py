@@ -243,15 +243,23 @@ class EvalResult:
     adwt: float
 
 
-def evaluate_relaxation(bptt: BPTT, params, batches: list[tuple[list[int], Batch]], n_items: int) -> EvalResult:
-    """Relax the test batches (early-exit rollout) and collect per-structure losses and ADwT."""
+def evaluate_relaxation(bptt: BPTT, params, batches: list[tuple[list[int], Batch]], n_items: int,
+                        mesh=None) -> EvalResult:
+    """Relax the test batches (early-exit rollout) and collect per-structure losses and ADwT.
+
+    ``params`` may be replicated over a multi-host mesh (the local copy is used). With ``mesh`` (a mesh of this
+    process's devices, :func:`bptt_jax.parallel.local_mesh`) every batch is split over its devices and the
+    parameters are copied to each; the results are those of one device."""
     per = np.zeros(n_items)
     frames = np.zeros(n_items, int)
     diverged = 0
     preds, tgts, cells, pbcs, frees = [], [], [], [], []
     width = max(b.positions.shape[1] for _, b in batches)
+    params = parallel.unreplicate(params)  # one local copy (of a replicated multi-host state, too)
+    if mesh is not None:
+        params = parallel.replicate(params, mesh)
     for idx, batch in batches:
-        out = bptt.evaluate(params, batch)
+        out = bptt.evaluate(params, batch if mesh is None else parallel.shard_batch(batch, mesh))
         k = len(idx)
         per[idx] = np.asarray(out["per_structure"])[:k]
         frames[idx] = np.asarray(out["frames"])[:k]
@@ -508,19 +516,23 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     # 3. Baselines ------------------------------------------------------------------------------------
     t = time.time()
     loss_kind = cfg.data.loss
+    # Relaxations of the test set (baselines, each epoch, the end) split over this process's devices.
+    eval_mesh = parallel.local_mesh()
+    if eval_mesh is not None:
+        log.info("test relaxations split over %d local devices", eval_mesh.size)
     # One compiled evaluator for every constant step: the step size is a traced parameter.
     grid_eval = BPTT(model, dataclasses.replace(relax_cfg, step_mode="learned", rule="descent"),
                      OptimConfig(loss=loss_kind))
     grid: dict[float, EvalResult] = {}
     for eta in tqdm(cfg.eval.step_grid, desc="constant-step grid", disable=not cfg.progress):
         p = {"model": model_params, "step_size": jnp.asarray(eta, sample.positions.dtype)}
-        grid[float(eta)] = evaluate_relaxation(grid_eval, p, test_batches, len(test_items))
+        grid[float(eta)] = evaluate_relaxation(grid_eval, p, test_batches, len(test_items), eval_mesh)
     best_eta = min(grid, key=lambda e: grid[e].avg)
     fire_res = None
     if cfg.eval.fire:
         fire_eval = BPTT(model, dataclasses.replace(relax_cfg, rule="fire", step_mode="fixed"),
                          OptimConfig(loss=loss_kind))
-        fire_res = evaluate_relaxation(fire_eval, {"model": model_params}, test_batches, len(test_items))
+        fire_res = evaluate_relaxation(fire_eval, {"model": model_params}, test_batches, len(test_items), eval_mesh)
     initial = initial_loss(test_batches, len(test_items), loss_kind)
     wall["baselines"] = time.time() - t
     log.info("baselines: best constant step %.4g (Avg %s %.4f), FIRE %s", best_eta, loss_kind, grid[best_eta].avg,
@@ -578,8 +590,7 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
             if "adjoint_residual" in m:
                 residuals.append(float(m["adjoint_residual"]))
             inner.set_postfix(loss=f"{losses[-1]:.3f}")
-        test = evaluate_relaxation(epoch_eval, state.params if mesh is None else parallel.unreplicate(state.params),
-                                   test_batches, len(test_items))
+        test = evaluate_relaxation(epoch_eval, state.params, test_batches, len(test_items), eval_mesh)
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "test_loss": test.avg,
                "train_frames": float(np.mean(frames_used)), "train_diverged": diverged,
                "test_diverged": test.diverged, "seconds": round(time.time() - te, 2)}
@@ -602,7 +613,7 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
 
     # 5. Evaluation -----------------------------------------------------------------------------------
     t = time.time()
-    tuned = evaluate_relaxation(bptt, state.params, test_batches, len(test_items))
+    tuned = evaluate_relaxation(bptt, state.params, test_batches, len(test_items), eval_mesh)
     _, errors = make_force_step(model, optax.identity())
     test_force_batches = force_batches(test_frames, cfg.pretrain.batch_size, buckets) if test_frames else []
     force_pre = force_errors(errors, model_params, test_force_batches) if test_force_batches else (None, None)

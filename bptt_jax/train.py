@@ -26,7 +26,7 @@ from bptt_jax.parallel import DistributedConfig
 from bptt_jax.pipeline import (DataConfig, EvalConfig, FinetuneConfig, ModelConfig, PretrainConfig, RunConfig,
                                markdown_table, run_pipeline)
 from bptt_jax.relax import RelaxConfig
-from bptt_jax.runtime import add_xla_flags
+from bptt_jax.runtime import add_xla_flags, enable_compile_cache
 
 log = logging.getLogger("bptt_jax")
 
@@ -63,6 +63,8 @@ def main(cfg: DictConfig) -> None:
     added = add_xla_flags(flags)  # before the first JAX computation
     if added:
         log.info("XLA_FLAGS += %s", " ".join(added))
+    if cfg.get("compile_cache_dir"):
+        log.info("persistent compilation cache: %s", enable_compile_cache(cfg.compile_cache_dir))
     try:
         results = run_pipeline(config_from_hydra(cfg, run_dir))
     except (ValueError, OSError, RuntimeError) as err:

@@ -17,6 +17,13 @@ def rattled_si(repeat=(1, 1, 1), sigma=0.1, seed=0, cubic=False, drop=0):
     return Structure.from_atoms(atoms), target
 
 
+@pytest.fixture(scope="session")
+def cli_cache(tmp_path_factory):
+    """Shared by the CLI runs of a test session: the generated datasets, and the persistent XLA compilation
+    cache (``compile_cache_dir``), so that a run compiling the programs of an earlier one loads them from disk."""
+    return tmp_path_factory.mktemp("cli_cache")
+
+
 @pytest.fixture
 def si_pairs():
     """Three Si structures of different sizes (2, 8 and 7 atoms) with targets."""

@@ -99,6 +99,33 @@ def test_truncated_gradient_is_exact_when_the_window_covers_the_relaxation(conve
         assert 0.5 < _cos(g5, g_full) < 1 - 1e-6
 
 
+def test_truncated_gradient_is_bptt_through_the_last_window_frames(converged_problem):
+    """A short window is BPTT through each structure's last ``window`` frames from its (held) state
+    ``window`` frames before its stop: checked against that computation written out by hand."""
+    x0, free, target, theta, _, res_full = converged_problem
+    k = 7
+    with jax.enable_x64(True):
+        rule0 = R.descent(_force_fn(theta), 0.1, free)
+        rec = R.rollout(rule0, x0, free, max_frames=300, tol=1e-8, record=True)
+        stops = np.asarray(rec.frames)
+        assert stops.min() > k, "the window must start after the first frame for this check"
+        # trajectory[t] holds the positions after t + 1 frames: the window starts after stop - k frames.
+        start = jnp.stack([rec.trajectory[s - k - 1, b] for b, s in enumerate(stops)])
+
+        def by_hand(t):
+            rule = R.descent(_force_fn(t), 0.1, free)
+            res = R.rollout(rule, start, free, max_frames=k, tol=0.0)
+            return jnp.sum(jnp.where(free[..., None], res.positions - target, 0.0) ** 2), res
+
+        (l_ref, res_ref), g_ref = jax.value_and_grad(by_hand, has_aux=True)(theta)
+        (l, res), g = jax.value_and_grad(_loss, has_aux=True)(theta, x0, free, target, "truncated", window=k)
+        np.testing.assert_allclose(np.asarray(res_ref.positions), np.asarray(res_full.positions), atol=1e-12)
+        np.testing.assert_allclose(np.asarray(res.positions), np.asarray(res_full.positions), atol=1e-12)
+        np.testing.assert_array_equal(np.asarray(res.frames), stops)
+        np.testing.assert_allclose(float(l), float(l_ref), rtol=1e-12)
+        np.testing.assert_allclose(_flat(g), _flat(g_ref), rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("segment", [1, 0, 7])
 def test_remat_gradient_equals_full(converged_problem, segment):
     x0, free, target, theta, g_full, res_full = converged_problem

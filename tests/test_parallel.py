@@ -119,6 +119,37 @@ np.testing.assert_allclose(float(m_two["loss"]), float(m_one["loss"]), rtol=1e-5
 jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7),
                        s_one.params, s_two.params)
 print("FIT LENGTH", length, flush=True)
+# Test-set relaxations split over the local devices (the pipeline's baselines and evaluations) and in-flight
+# relaxation with its slots split over them give the one-device results.
+from bptt_jax import pipeline
+from bptt_jax.inference import relax_many
+lm = parallel.local_mesh()
+assert lm is not None and lm.size == 2
+plan = [([0, 1, 2], make_batch(range(3))), ([3, 4], make_batch(range(3, 5)))]  # odd sizes: padded for the mesh
+e1 = pipeline.evaluate_relaxation(bptt, params, plan, 5)
+e2 = pipeline.evaluate_relaxation(bptt, parallel.replicate(params, mesh), plan, 5, lm)
+np.testing.assert_allclose(e2.per_structure, e1.per_structure, rtol=1e-5, atol=1e-7)
+assert e2.frames.tolist() == e1.frames.tolist() and e2.adwt == e1.adwt
+structs = [rattled_si(seed=s, sigma=0.05 * (1 + s))[0] for s in range(5)]
+# A tolerance between the structures' first-frame movements: some stop at once, the others run on, so slots
+# are refilled at different times.
+probe = BPTT(bptt.model, dataclasses.replace(bptt.relax, max_frames=1, tol=0.0), bptt.optim)
+b5 = Batch.from_structures(structs)
+moved = np.asarray(probe.relax_batch(params, b5, mode="while").positions - b5.positions)
+tol = float(np.median(np.sqrt((moved ** 2).sum((1, 2)) / np.asarray(b5.free_mask).sum(1))))
+bi = BPTT(bptt.model, dataclasses.replace(bptt.relax, max_frames=12, tol=tol), bptt.optim)
+o1, st1 = relax_many(bi, params, structs, batch_size=2, chunk_frames=2)
+o2, st2 = relax_many(bi, params, structs, batch_size=2, chunk_frames=2, mesh=lm)
+assert [o.frames for o in o2] == [o.frames for o in o1] and st2.chunks == st1.chunks > 1
+assert len({o.frames for o in o1}) > 1, [o.frames for o in o1]
+for a, b in zip(o1, o2):
+    np.testing.assert_allclose(b.positions, a.positions, atol=1e-6)
+try:
+    relax_many(bi, params, structs, batch_size=3, mesh=lm)
+    raise AssertionError("a batch size the mesh does not divide must be refused")
+except ValueError as err:
+    assert "multiple" in str(err)
+print("FRAMES IN FLIGHT", [o.frames for o in o1], flush=True)
 # Compiled gradient time: one device vs two (a tiny problem: the collectives cost more than they save).
 for name, fn, b in (("one", grad_one, full), ("two", grad_two, sharded)):
     jax.block_until_ready(fn(params, b))

@@ -31,10 +31,10 @@ def test_config_composes(dataset, model):
     assert run.finetune.epochs == 5 and run.data.n_test == 100
 
 
-def _train(tmp_path, *overrides, multirun=False):
+def _train(tmp_path, cache, *overrides, multirun=False):
     env = dict(os.environ, HYDRA_FULL_ERROR="0")
     cmd = [sys.executable, "-m", "bptt_jax.train"] + (["-m"] if multirun else []) + [
-        f"dataset.cache_dir={tmp_path / 'data'}"] + TINY + list(overrides)
+        f"dataset.cache_dir={cache / 'data'}", f"compile_cache_dir={cache / 'xla'}"] + TINY + list(overrides)
     return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env)
 
 
@@ -43,9 +43,9 @@ def _rows(run_dir):
         return list(csv.DictReader(f))
 
 
-def test_tiny_end_to_end_run_and_resume(tmp_path):
+def test_tiny_end_to_end_run_and_resume(tmp_path, cli_cache):
     run_dir = tmp_path / "run"
-    r = _train(tmp_path, f"hydra.run.dir={run_dir}")
+    r = _train(tmp_path, cli_cache, f"hydra.run.dir={run_dir}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "| BPTT-tuned |" in r.stdout
     res = json.loads((run_dir / "results.json").read_text())
@@ -63,10 +63,14 @@ def test_tiny_end_to_end_run_and_resume(tmp_path):
     rows = _rows(run_dir)
     assert [r["epoch"] for r in rows if r["stage"] == "bptt"] == ["1"]
     # The default cpu_devices=2: the CPU is split into 2 XLA devices and BPTT runs data parallel over them.
-    assert "BPTT data parallel over 2 devices" in (run_dir / "train.log").read_text()
+    log_text = (run_dir / "train.log").read_text()
+    assert "BPTT data parallel over 2 devices" in log_text and "test relaxations split over 2 local devices" in log_text
+    # compile_cache_dir: the compiled programs were written to the persistent cache (the resume below reads them).
+    assert f"persistent compilation cache: {cli_cache / 'xla'}" in log_text
+    assert len(list((cli_cache / "xla").iterdir())) > 10
 
     # Resume with a longer budget: epoch 1 is kept, epoch 2 is added, pretraining is not repeated.
-    r = _train(tmp_path, f"hydra.run.dir={run_dir}", "train.resume=true", "finetune.epochs=2")
+    r = _train(tmp_path, cli_cache, f"hydra.run.dir={run_dir}", "train.resume=true", "finetune.epochs=2")
     assert r.returncode == 0, r.stderr[-3000:]
     rows2 = _rows(run_dir)
     bptt_rows = [r for r in rows2 if r["stage"] == "bptt"]
@@ -76,9 +80,9 @@ def test_tiny_end_to_end_run_and_resume(tmp_path):
     assert (run_dir / "checkpoints" / "bptt" / "2").is_dir()
 
 
-def test_multirun_sweep_writes_a_summary(tmp_path):
+def test_multirun_sweep_writes_a_summary(tmp_path, cli_cache):
     sweep = tmp_path / "sweep"
-    r = _train(tmp_path, "relax.step_size=0.02,0.05", f"hydra.sweep.dir={sweep}", "eval.fire=false",
+    r = _train(tmp_path, cli_cache, "relax.step_size=0.02,0.05", f"hydra.sweep.dir={sweep}", "eval.fire=false",
                "cpu_devices=1", "pretrain.max_epochs=1", "eval.step_grid=[0.05]", multirun=True)
     assert r.returncode == 0, r.stderr[-3000:]
     runs = sorted(p.parent for p in sweep.glob("*/results.json"))
@@ -90,7 +94,7 @@ def test_multirun_sweep_writes_a_summary(tmp_path):
     assert summary.count("\n") == 4 and "relax.step_size=0.02" in summary
 
 
-def test_bad_dataset_path_is_one_line(tmp_path):
-    r = _train(tmp_path, f"dataset.path={tmp_path / 'missing'}", f"hydra.run.dir={tmp_path / 'r'}")
+def test_bad_dataset_path_is_one_line(tmp_path, cli_cache):
+    r = _train(tmp_path, cli_cache, f"dataset.path={tmp_path / 'missing'}", f"hydra.run.dir={tmp_path / 'r'}")
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and "missing" in (r.stderr + r.stdout)
