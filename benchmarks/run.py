@@ -59,7 +59,7 @@ def build_cases(quick: bool = False, torch_threads: int = 2) -> list[dict[str, A
         # 5 repeats: PyTorch's 2 OpenMP threads lose 10-40% on some repeats when the VM deschedules them
         # (benchmarks/NOTES.md); the tables give the median and the fastest repeat.
         batch, sizes, frames, preset, repeats = 8, (64, 216), 75, "bench", 5
-        relax = dict(n_structures=100, atoms=64, batch=25, frames=75, presets=("small", "bench"), repeats=3)
+        relax = dict(n_structures=100, atoms=64, batch=50, frames=75, presets=("small", "bench"), repeats=3)
         matmul = dict(size=2048, repeats=10)
     cfg = PRESETS["adapt"][preset]
     common = dict(batch=batch, frames=frames, preset=preset, repeats=repeats, step_size=0.01,
