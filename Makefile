@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml requirements.txt
 	touch $(STAMP)
 
 # Two xdist workers (TEST_WORKERS=0: one process): much of the suite is XLA compilation, which is mostly
-# single-threaded, so two workers overlap it (16.9 -> 13.7 min on 2 cores). `worksteal` evens out the long tests.
+# single-threaded, so two workers overlap it (16.9 -> 13.2-13.7 min on 2 cores). `worksteal` evens out the long tests.
 TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal tests

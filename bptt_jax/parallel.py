@@ -171,7 +171,7 @@ def shard_batch(batch: Batch, mesh: Mesh, *, process_local: bool = True) -> Batc
       A :class:`Batch` of global ``jax.Array`` s sharded with :func:`batch_sharding`.
     """
     sharding = batch_sharding(mesh)
-    if jax.process_count() == 1 or sharding.is_fully_addressable:  # one process, or a mesh of local devices
+    if sharding.is_fully_addressable:  # one process, or a mesh of this process's devices
         return jax.device_put(pad_batch(batch, mesh.size), sharding)
     if process_local:
         batch = pad_batch(batch, local_mesh_size(mesh))
@@ -195,7 +195,7 @@ def local_mesh() -> Optional[Mesh]:
 def replicate(tree: Any, mesh: Mesh) -> Any:
     """Copy a pytree of arrays (the same on every process) to every device of ``mesh``."""
     sharding = replicated(mesh)
-    if jax.process_count() == 1 or sharding.is_fully_addressable:
+    if sharding.is_fully_addressable:  # one process, or a mesh of this process's devices
         return jax.device_put(tree, sharding)
     return jax.tree_util.tree_map(lambda x: _from_global_host_value(np.asarray(x), sharding), tree)
 
