@@ -193,6 +193,8 @@ def _relax_config(spec: dict, mode: str, frames: int, **extra):
 
     kw = dict(max_frames=frames, tol=0.0, step_mode="fixed", step_size=spec.get("step_size", 0.01),
               skip_converged=False)
+    if mode == spec.get("mode"):  # the case's own mode: its settings (e.g. first_order's window and samples)
+        kw.update(spec.get("relax_extra") or {})
     kw.update(extra)
     fields = {f.name for f in dataclasses.fields(RelaxConfig)}
     if "grad_mode" in fields:
@@ -293,9 +295,10 @@ def jax_bptt(spec: dict) -> dict:
     result = _base(spec)
     _model_info(result, cfg, count_params(params["model"]), jax.__version__)
     result["relax_config"] = {k: v for k, v in dataclasses.asdict(relax_cfg).items()
-                              if k in ("grad_mode", "remat", "remat_segment", "window", "adjoint_solver",
+                              if k in ("grad_mode", "remat", "remat_segment", "sample_frames", "adjoint_solver",
                                        "adjoint_iters", "adjoint_tol", "adjoint_unconverged", "max_frames", "tol",
                                        "step_size")}
+    result["relax_config"]["window"] = relax_cfg.window_frames
     result["baseline_rss_mb"] = rss_mb()
     t0 = time.perf_counter()
     compiled = train_step.lower(state0, batch, *extra_args).compile()
@@ -332,8 +335,12 @@ def jax_bptt(spec: dict) -> dict:
         if mode in ("full", "remat"):
             flops = frames * fb
         elif mode == "truncated":
-            w = min(relax_cfg.window, frames)
+            w = min(relax_cfg.window_frames, frames)
             flops = frames * fwd + w * fb
+        elif mode == "first_order":  # the forward pass, the window, and the sampled frames' VJPs
+            w = min(relax_cfg.window_frames, frames)
+            k = relax_cfg.sample_frames or (frames - w)
+            flops = frames * fwd + (w + min(k, frames - w)) * fb
         # implicit / guided: the adjoint solve's iteration count is not reported, so no FLOP count.
     result["flops"] = flops
     return result

@@ -47,6 +47,11 @@ def _grad_modes() -> tuple[str, ...]:
     return modes
 
 
+# Settings of a gradient mode's benchmark case (RelaxConfig fields): first_order as the gradient-mode study
+# measured it closest to full BPTT for its cost (results/grad_modes.md).
+MODE_SETTINGS: dict[str, dict[str, Any]] = {"first_order": {"window": 0, "sample_frames": 32}}
+
+
 def build_cases(quick: bool = False, torch_threads: int = 2) -> list[dict[str, Any]]:
     """All benchmark cases as specs for :mod:`benchmarks.cases` (PyTorch with ``torch_threads`` threads)."""
     from bptt_jax.models import PRESETS
@@ -75,16 +80,16 @@ def build_cases(quick: bool = False, torch_threads: int = 2) -> list[dict[str, A
                           threads=torch_threads, model_cfg=cfg, **common))
         for mode in _grad_modes():
             cases.append(dict(name=f"bptt_jax_{mode}_n{n}", case="jax_bptt", impl="jax", mode=mode, atoms=n,
-                              **common))
+                              relax_extra=MODE_SETTINGS.get(mode, {}), **common))
         cases.append(dict(name=f"bptt_torch_full_n{n}", case="torch_bptt", impl="torch", mode="full", atoms=n,
                           threads=torch_threads, model_cfg=cfg, **common))
         # Data parallel over 2 forced CPU devices (the batch split 4 + 4; parallel.shard_train_step): the
         # single-threaded parts (elementwise fusions, copies) of the two halves then run side by side.
         cases.append(dict(name=f"rollout_jax_n{n}_dp2", case="jax_rollout", impl="jax", mode="rollout", atoms=n,
                           devices=2, **common))
-        for mode in ("full", "remat"):
+        for mode in ("full", "remat", "first_order"):
             cases.append(dict(name=f"bptt_jax_{mode}_n{n}_dp2", case="jax_bptt", impl="jax", mode=mode, atoms=n,
-                              devices=2, **common))
+                              devices=2, relax_extra=MODE_SETTINGS.get(mode, {}), **common))
     for p in relax["presets"]:
         pc = PRESETS["adapt"][p]
         rc = dict(n_structures=relax["n_structures"], atoms=relax["atoms"], frames=relax["frames"], preset=p,

@@ -201,7 +201,7 @@ def fire(
 # ----------------------------------------------------------------------------------------------------
 # Rollouts
 
-GRAD_MODES = ("full", "remat", "truncated", "implicit", "guided")
+GRAD_MODES = ("full", "remat", "truncated", "implicit", "guided", "first_order")
 
 
 @flax.struct.dataclass
@@ -390,6 +390,116 @@ def _forward_to_stop(frame, carry0, max_frames: int, window: int):
     return carry, start_state
 
 
+def _forward_recording(frame, carry0, max_frames: int):
+    """Early-exit forward pass (no gradients) that records the rule state before every frame.
+
+    Returns (final carry, states) with ``states`` leaves of shape (max_frames, B, ...): entry t is the state
+    after t frames (for each structure, valid for t <= its frame count; later entries are never read)."""
+    state0 = carry0[0]
+    buf0 = jax.tree_util.tree_map(lambda x: jnp.zeros((max_frames,) + x.shape, x.dtype), state0)
+
+    def body(c):
+        t, carry, buf = c
+        buf = jax.tree_util.tree_map(lambda b, s: jax.lax.dynamic_update_index_in_dim(b, s, t, 0), buf, carry[0])
+        return t + 1, frame(carry), buf
+
+    def cond(c):
+        return (c[0] < max_frames) & ~jnp.all(c[1][1])
+
+    _, carry, buf = jax.lax.while_loop(cond, body, (jnp.int32(0), carry0, buf0))
+    return jax.lax.stop_gradient(carry), jax.lax.stop_gradient(buf)
+
+
+def _gather_frames(states, index: Array):
+    """States at per-structure frame indices: ``index`` (K, B) into leaves (T, B, ...) gives (K, B, ...)."""
+    def take(x):
+        return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=0)
+    return jax.tree_util.tree_map(take, states)
+
+
+def first_order_samples(n_frames: Array, samples: int, key: Optional[Array], max_frames: int):
+    """Frame indices (K, B) and weights (K, B) of the first-order estimator over each structure's first
+    ``n_frames`` (B,) frames.
+
+    ``samples = 0``: every frame, weight 1 (K = max_frames; entries at or past ``n_frames`` get weight 0).
+    ``samples = K > 0``: stratified sampling, one frame from each of K equal strata of [0, n), weight n / K.
+    Each frame i < n is then drawn with probability K/n (spread over the strata it overlaps), so the weighted
+    sum over the K draws is an unbiased estimate of the sum over all n frames.
+    """
+    b = n_frames.shape[0]
+    if samples <= 0:
+        t = jnp.broadcast_to(jnp.arange(max_frames)[:, None], (max_frames, b))
+        w = (t < n_frames[None, :]).astype(jnp.float32)
+        # Frames a structure did not take point at one it did (weight 0): never-written states would give
+        # 0 · NaN cotangents in models that are singular at zero positions.
+        return jnp.minimum(t, jnp.maximum(n_frames - 1, 0)[None, :]), w
+    key = jax.random.PRNGKey(0) if key is None else key
+    u = jax.random.uniform(jax.random.fold_in(key, 0x5EED), (samples, b))
+    n = n_frames.astype(jnp.float32)[None, :]
+    t = jnp.floor((jnp.arange(samples, dtype=jnp.float32)[:, None] + u) * n / samples).astype(jnp.int32)
+    t = jnp.clip(t, 0, jnp.maximum(n_frames - 1, 0)[None, :])
+    return t, jnp.broadcast_to(n / samples, (samples, b))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _first_order_tail(phi_k, chunk, value, states, weights, *consts):
+    """Returns ``value`` (positions, no gradient of their own); their cotangent λ goes to the parameters in
+    ``consts`` as ``Σ_k w_k λᵀ ∂Φ(s_k)/∂θ`` over the recorded states ``s_k`` (held constant), ``chunk`` sampled
+    frames at a time (0: all at once)."""
+    del phi_k, chunk, states, weights, consts
+    return value
+
+
+def _first_order_tail_fwd(phi_k, chunk, value, states, weights, *consts):
+    return value, (states, weights, consts)
+
+
+def _first_order_tail_bwd(phi_k, chunk, res, g):
+    states, weights, consts = res
+
+    def part(s, w):
+        _, vjp_c = jax.vjp(lambda *c: phi_k(s, *c), *consts)
+        # Cotangent of Φ(s_k) for structure b: w_kb λ_b (weight 0 for frames a structure did not take).
+        return vjp_c(w.astype(g.dtype)[:, :, None, None] * g[None])
+
+    k = weights.shape[0]
+    if chunk <= 0 or chunk >= k:
+        d_consts = part(states, weights)
+    else:  # a loop over chunks of sampled frames: memory of one chunk's tape, gradients accumulated
+        n = -(-k // chunk)
+        pad = n * chunk - k
+
+        def blocks(x, fill):
+            x = jnp.concatenate([x, jnp.broadcast_to(fill, (pad,) + x.shape[1:])]) if pad else x
+            return x.reshape((n, chunk) + x.shape[1:])
+
+        xs = (jax.tree_util.tree_map(lambda x: blocks(x, x[:1]), states),
+              blocks(weights, jnp.zeros((), weights.dtype)))
+        zero = tuple(jnp.zeros_like(c) for c in consts)
+        d_consts, _ = jax.lax.scan(lambda acc, x: (jax.tree_util.tree_map(jnp.add, acc, part(*x)), None), zero, xs)
+    return (None, None, None, *d_consts)
+
+
+_first_order_tail.defvjp(_first_order_tail_fwd, _first_order_tail_bwd)
+
+
+def _attach_first_order(step_fn, states, weights: Array, value: Array, chunk: int = 0) -> Array:
+    """``value`` carrying the first-order gradient of the frames in ``states`` (leaves (K, B, ...))."""
+    states = jax.lax.stop_gradient(states)
+    one = jax.tree_util.tree_map(lambda x: x[0], states)
+
+    def phi(s):
+        return step_fn(s).positions
+
+    phi_conv, consts = jax.closure_convert(phi, one)
+
+    def phi_k(ss, *c):
+        return jax.vmap(lambda s: phi_conv(s, *c))(ss)
+
+    return _first_order_tail(phi_k, chunk, jax.lax.stop_gradient(value), states, jax.lax.stop_gradient(weights),
+                             *consts)
+
+
 def _adjoint_solve(vjp_x: Callable[[Array], Array], g: Array, free_mask: Array, translation: Array,
                    valid: Array, config: AdjointConfig):
     """λ with ``λ = P g + (1 − δ) P Jᵀλ`` and the per-structure relative residual.
@@ -511,10 +621,12 @@ def rollout(
     record: bool = False,
     grad_mode: str = "full",
     segment: int = 1,
-    window: int = 10,
+    window: Optional[int] = None,
     adjoint: AdjointConfig = AdjointConfig(),
     adjoint_probe: Optional[Array] = None,
     translation_modes: Optional[Array] = None,
+    samples: int = 32,
+    sample_chunk: int = 4,
 ) -> RolloutResult:
     """Run ``rule`` from ``positions`` until every structure converged or ``max_frames``.
 
@@ -544,8 +656,16 @@ def rollout(
         - ``"guided"``: ``"truncated"`` plus the implicit gradient for the frames before the window (the
           window's start state gets the sensitivity of the fixed point, linearised at the converged state;
           structures that did not converge keep the plain truncated gradient).
+        - ``"first_order"``: the early-exit forward pass records every frame's state; BPTT runs through each
+          structure's last ``window`` frames (none with ``window=0``), and the frames before them contribute
+          their parameter derivative with the Jacobians of the frames with respect to positions dropped (as
+          first-order MAML drops second derivatives): ``∂L/∂θ ≈ Σ_t λᵀ ∂Φ(s_t)/∂θ``, with λ the cotangent at
+          the window's start and s_t the recorded states, estimated from ``samples`` frames per structure
+          (stratified, unbiased; 0 = every frame). Exact where ``I + η ∂F/∂X ≈ I`` over the early frames:
+          for modes that relax slowly, which is where most of the remaining displacement (and of Dq) lies.
       segment: frames per checkpointed block in ``"remat"`` mode.
-      window: frames unrolled with gradients in ``"truncated"`` and ``"guided"`` modes.
+      window: frames unrolled with gradients in ``"truncated"``, ``"guided"`` and ``"first_order"`` modes
+        (None: :data:`DEFAULT_WINDOW`, 10 frames, none for ``"first_order"``).
       adjoint: the adjoint solver of ``"implicit"`` and ``"guided"``.
       adjoint_probe: optional (B,) zeros; differentiating with respect to it returns the adjoint residual
         per structure (``"implicit"``/``"guided"``), so a training step can report an unconverged solve.
@@ -553,6 +673,10 @@ def rollout(
         atom, translation-invariant forces); the adjoint is solved on the complement of their translations
         (see ``AdjointConfig.project_translations``). Default: none. :class:`~bptt_jax.bptt.BPTT` flags every
         structure without fixed atoms.
+      samples: frames per structure whose parameter derivative ``"first_order"`` evaluates (0 = all).
+      sample_chunk: ``"first_order"`` differentiates the sampled frames this many at a time, in a loop that
+        accumulates the parameter gradient (0 = all at once). Memory is that many frames' tape; on XLA:CPU
+        chunks of 2–4 were also the fastest (all 32 at once: 1.4× slower, 9× the memory).
     """
     if grad_mode not in GRAD_MODES:
         raise ValueError(f"unknown grad_mode {grad_mode!r}; expected one of {', '.join(GRAD_MODES)}")
@@ -561,6 +685,8 @@ def rollout(
     if remat and grad_mode == "full":
         grad_mode, segment = "remat", 1
     init_fn, step_fn = rule
+    if window is None:
+        window = DEFAULT_WINDOW.get(grad_mode, 10)
     start = positions
     state0 = init_fn(positions, key)
     n_free = jnp.sum(free_mask, axis=-1)
@@ -585,6 +711,25 @@ def rollout(
 
     if record:
         raise ValueError(f"record=True needs grad_mode full or remat, not {grad_mode!r}")
+    if grad_mode == "first_order":
+        k = max(0, min(window, max_frames))
+        fwd, states = _forward_recording(frame, carry0, max_frames)
+        frames_all = fwd[2]
+        n_early = jnp.maximum(frames_all - k, 0)
+        index, weights = first_order_samples(n_early, samples, key, max_frames)
+        if k == 0:  # no window: the first-order part ends at the final state
+            tail_state = fwd[0]
+        else:  # the window starts from the recorded state k frames before each structure's stop
+            tail_state = jax.tree_util.tree_map(lambda x: x[0], _gather_frames(states, n_early[None, :]))
+        tail = _attach_first_order(step_fn, _gather_frames(states, index), weights, tail_state.positions,
+                                   sample_chunk)
+        if k == 0:
+            state, _, frames, converged, diverged = fwd
+            return RolloutResult(tail, frames, converged, diverged, state.replace(positions=tail))
+        carry_w = (tail_state.replace(positions=tail), done0, n_early, jnp.zeros_like(done0), jnp.zeros_like(done0))
+        carry, _ = _scan_frames(frame, carry_w, k, segment=0, skip_converged=skip_converged, record=False)
+        state, _, frames, converged, diverged = carry
+        return RolloutResult(state.positions, frames, converged, diverged, state, None)
     k = 0 if grad_mode == "implicit" else max(1, min(window, max_frames))
     fwd, window_start = _forward_to_stop(frame, carry0, max_frames, k)
     if grad_mode == "implicit":
@@ -609,6 +754,11 @@ def rollout(
 # Configuration
 
 
+# Frames unrolled before each structure's stop when ``RelaxConfig.window`` is None. first_order: none (the
+# gradient-mode study found a 10-frame window no better, and it costs a sequential unroll).
+DEFAULT_WINDOW = {"truncated": 10, "guided": 10, "first_order": 0}
+
+
 @dataclasses.dataclass(frozen=True)
 class RelaxConfig:
     """How structures are relaxed during training and evaluation.
@@ -622,7 +772,11 @@ class RelaxConfig:
       remat: ``jax.checkpoint`` per frame (shorthand for ``grad_mode="remat"``, ``remat_segment=1``).
       grad_mode: gradient through the relaxation, one of :data:`GRAD_MODES` (see :func:`rollout`).
       remat_segment: frames per checkpointed block in ``"remat"`` mode (0 = ⌈√max_frames⌉).
-      window: frames unrolled with gradients in ``"truncated"`` and ``"guided"`` modes.
+      window: frames unrolled with gradients in ``"truncated"``, ``"guided"`` and ``"first_order"`` modes
+        (``"first_order"`` also takes 0); None: the mode's default, :data:`DEFAULT_WINDOW` (see
+        :attr:`window_frames`).
+      sample_frames: frames per structure whose parameter derivative ``"first_order"`` evaluates (0 = all).
+      sample_chunk: ``"first_order"`` differentiates that many sampled frames at a time (0 = all at once).
       adjoint_solver, adjoint_iters, adjoint_tol, adjoint_damping, adjoint_project_translations,
         adjoint_unconverged: the adjoint solve of ``"implicit"`` and ``"guided"`` (see :class:`AdjointConfig`).
       length_quantum: with ``BPTT.fit_step`` in full/remat mode, differentiate a scan only as long as the batch
@@ -645,7 +799,9 @@ class RelaxConfig:
     remat: bool = False
     grad_mode: str = "full"
     remat_segment: int = 1
-    window: int = 10
+    window: Optional[int] = None
+    sample_frames: int = 32
+    sample_chunk: int = 4
     adjoint_solver: str = "gmres"
     adjoint_iters: int = 200
     adjoint_tol: float = 1e-4
@@ -666,9 +822,16 @@ class RelaxConfig:
             raise ValueError("max_frames must be at least 1")
         if self.grad_mode not in GRAD_MODES:
             raise ValueError(f"unknown grad_mode {self.grad_mode!r}; expected one of {', '.join(GRAD_MODES)}")
-        if self.window < 1 or self.remat_segment < 0:
-            raise ValueError("window must be at least 1 and remat_segment at least 0")
+        if self.window_frames < (0 if self.grad_mode == "first_order" else 1) or self.remat_segment < 0:
+            raise ValueError("window must be at least 1 (0 allowed for first_order) and remat_segment at least 0")
+        if self.sample_frames < 0 or self.sample_chunk < 0:
+            raise ValueError("sample_frames and sample_chunk must be at least 0 (0 = every frame / all at once)")
         self.adjoint  # validates the solver name
+
+    @property
+    def window_frames(self) -> int:
+        """``window``, or the gradient mode's default when it is None."""
+        return DEFAULT_WINDOW.get(self.grad_mode, 10) if self.window is None else self.window
 
     @property
     def adjoint(self) -> AdjointConfig:
@@ -694,5 +857,6 @@ def run(config: RelaxConfig, rule: UpdateRule, positions: Array, free_mask: Arra
     return rollout(rule, positions, free_mask, key=key, max_frames=config.max_frames, tol=config.tol,
                    diverge_distance=config.diverge_distance, mode=mode, remat=config.remat,
                    skip_converged=config.skip_converged, record=record, grad_mode=config.grad_mode,
-                   segment=config.remat_segment, window=config.window, adjoint=config.adjoint,
-                   adjoint_probe=adjoint_probe, translation_modes=translation_modes)
+                   segment=config.remat_segment, window=config.window_frames, adjoint=config.adjoint,
+                   adjoint_probe=adjoint_probe, translation_modes=translation_modes, samples=config.sample_frames,
+                   sample_chunk=config.sample_chunk)

@@ -35,8 +35,33 @@ from bptt_jax.runtime import CPU_XLA_FLAGS, add_xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "grad_modes"
-MODES = ("full", "remat", "truncated", "implicit", "guided")
+MODES = ("full", "remat", "truncated", "implicit", "guided", "first_order")
 WINDOW = 10
+SAMPLES = 32  # first_order: frames per structure whose parameter derivative is evaluated (RelaxConfig default)
+WINDOWED = ("truncated", "guided", "first_order")
+
+
+def parse_variant(name: str) -> tuple[str, int, int]:
+    """``"mode[-wW][-kK]"`` → (mode, window, samples): e.g. ``first_order-w10-k8``, ``truncated-w25``, ``full``."""
+    mode, window, samples = name, WINDOW, SAMPLES
+    parts = name.split("-")
+    mode = parts[0]
+    for p in parts[1:]:
+        if p[:1] == "w" and p[1:].isdigit():
+            window = int(p[1:])
+        elif p[:1] == "k" and p[1:].isdigit():
+            samples = int(p[1:])
+        else:
+            raise ValueError(f"bad variant {name!r}: expected mode[-wW][-kK]")
+    if mode not in MODES:
+        raise ValueError(f"bad variant {name!r}: unknown mode {mode!r}")
+    return mode, window, samples
+
+
+def variant_name(mode: str, window: int, samples: int) -> str:
+    if mode == "first_order":
+        return f"{mode}-w{window}-k{samples}"
+    return f"{mode}-w{window}" if mode in WINDOWED else mode
 
 
 def _rss_mb() -> float:
@@ -112,7 +137,7 @@ def cost_child(mode: str, frames: int, atoms: int, batch: int, repeats: int) -> 
             "seconds_per_step": sec, "frames_per_s": frames * batch / sec, "first_step_s": compile_s,
             "xla_temp_mb": temp_mb, "loadavg_1m": os.getloadavg()[0],
             "peak_rss_mb": _rss_mb(), "base_rss_mb": base_rss, "repeats": repeats,
-            "window": WINDOW if mode in ("truncated", "guided") else None,
+            "window": WINDOW if mode in WINDOWED else None,
             "adjoint_residual": float(m["adjoint_residual"]) if "adjoint_residual" in m else None,
             # what the step really ran: a structure that diverges is frozen, and a batch whose structures have
             # all diverged stops early, so frames/s is only comparable where mean_frames == frames
@@ -186,18 +211,24 @@ def run_cosine(args) -> None:
         return jnp.concatenate([x.ravel() for x in jax.tree_util.tree_leaves(tree)])
 
     grads: dict[str, list] = {}
-    for mode in MODES:
+    names = ["full"] + [v for v in (args.variants or MODES) if v != "full"]
+    for name in names:
+        mode, window, samples = parse_variant(name)
         bp = BPTT(model, RelaxConfig(step_size=eta, step_mode="learned", max_frames=75, tol=1e-3, grad_mode=mode,
-                                     window=WINDOW, remat_segment=0))
-        fn = jax.jit(jax.grad(lambda q, b: bp.loss(q, b)[0]))
-        grads[mode] = [flat(fn(p, b)) for _, b in conv_batches]
+                                     window=window, sample_frames=samples, remat_segment=0))
+        fn = jax.jit(jax.grad(lambda q, b, k: bp.loss(q, b, k)[0]))
+        # A fixed key per batch: sampled modes (first_order with samples > 0) draw their frames from it.
+        grads[name] = [flat(fn(p, b, jax.random.PRNGKey(i))) for i, (_, b) in enumerate(conv_batches)]
     rows = []
-    for mode in MODES:
-        cos = [float(g @ f / (jnp.linalg.norm(g) * jnp.linalg.norm(f))) for g, f in zip(grads[mode], grads["full"])]
-        rel = [float(jnp.linalg.norm(g - f) / jnp.linalg.norm(f)) for g, f in zip(grads[mode], grads["full"])]
-        row = {"part": "cosine", "mode": mode, "cosine_mean": float(np.mean(cos)), "cosine_min": float(np.min(cos)),
-               "rel_error_mean": float(np.mean(rel)), "batches": len(cos), "structures": len(keep),
-               "window": WINDOW if mode in ("truncated", "guided") else None}
+    for name in names:
+        mode, window, samples = parse_variant(name)
+        cos = [float(g @ f / (jnp.linalg.norm(g) * jnp.linalg.norm(f))) for g, f in zip(grads[name], grads["full"])]
+        rel = [float(jnp.linalg.norm(g - f) / jnp.linalg.norm(f)) for g, f in zip(grads[name], grads["full"])]
+        row = {"part": "cosine", "mode": name if args.variants else mode, "cosine_mean": float(np.mean(cos)),
+               "cosine_min": float(np.min(cos)), "rel_error_mean": float(np.mean(rel)), "batches": len(cos),
+               "structures": len(keep), "pretrained": str(args.pretrained),
+               "window": window if mode in WINDOWED else None,
+               "samples": samples if mode == "first_order" else None}
         rows.append(row)
         print(json.dumps(row), flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -216,11 +247,13 @@ def _pretrained_eta(args) -> float:
     return float(json.loads((Path(args.pretrained) / "results.json").read_text())["constant_step_best"])
 
 
-def _finetune(name: str, extra: list[str], args, eta: float, window: int, run_dir: Path) -> dict:
+def _finetune(name: str, extra: list[str], args, eta: float, window: int, run_dir: Path,
+              samples: int = SAMPLES) -> dict:
     """Fine-tune the pretrained model with the training CLI (one variant) and read its test results."""
     cmd = [sys.executable, "-m", "bptt_jax.train", f"model.init_from={Path(args.pretrained).resolve()}",
            f"eval.step_grid=[{eta}]", "eval.fire=false", "progress=false", "plots=false",
-           f"finetune.epochs={args.epochs}", f"relax.window={window}", "relax.remat_segment=0",
+           f"finetune.epochs={args.epochs}", f"relax.window={window}", f"relax.sample_frames={samples}",
+           "relax.remat_segment=0",
            f"hydra.run.dir={run_dir}", *extra]
     t0 = time.time()
     if args.reuse and (run_dir / "results.json").exists():  # a finished run of this variant: read it
@@ -239,7 +272,8 @@ def _finetune(name: str, extra: list[str], args, eta: float, window: int, run_di
             "n_test": res["n_test"], "bptt_s": res["wall_s"]["bptt"],
             "seconds_per_bptt_step": res.get("seconds_per_bptt_step"), "epochs": args.epochs,
             "diverged": res["diverged"]["bptt"], "step_size_final": res["step_size_final"],
-            "window": window if any(f"relax.grad_mode={m}" in extra for m in ("truncated", "guided")) else None,
+            "window": window if any(f"relax.grad_mode={m}" in extra for m in WINDOWED) else None,
+            "samples": samples if "relax.grad_mode=first_order" in extra else None,
             "per_structure": per["bptt"], "pretrained": str(args.pretrained), "wall_s": round(time.time() - t0, 1)}
 
 
@@ -270,13 +304,14 @@ def run_seeds(args) -> None:
     label = args.label or Path(args.pretrained).name
     variants = []
     for mode in args.modes:
-        for w in (args.windows if mode in ("truncated", "guided") else [None]):
-            variants.append((mode if w is None else f"{mode}-w{w}", mode, w))
+        for w in (args.windows if mode in WINDOWED else [WINDOW]):
+            for k in (args.samples if mode == "first_order" else [SAMPLES]):
+                variants.append((variant_name(mode, w, k), mode, w, k))
     for seed in args.seeds:  # seed-major: an interrupted study still holds complete pairs
-        for name, mode, w in variants:
+        for name, mode, w, k in variants:
             run_dir = ROOT / "runs" / "grad_modes" / "seeds" / label / f"{name}-s{seed}"
             row = _finetune(name, [f"relax.grad_mode={mode}", "finetune.step_mode=fixed", f"seed={seed}", *args.set],
-                            args, eta, w or WINDOW, run_dir)
+                            args, eta, w, run_dir, k)
             _append(OUT / "seeds.jsonl", {"part": "seeds", "study": label, "variant": name, "seed": seed,
                                           "eta": eta, **row})
 
@@ -298,18 +333,28 @@ def seeds_section(path: Path) -> list[str]:
     """Markdown of the seed-spread study: per variant the test Avg Dq over seeds and, seed by seed, its
     difference from ``full`` with the same seed (the latest row of each study/variant/seed counts)."""
     rows = _latest(path, lambda r: (r["study"], r["variant"], r["seed"]))
+    # A study without its own `full` runs is compared with those of a study from the same pretrained model,
+    # step size and epochs.
+    full_runs = {(r["pretrained"], r["eta"], r["epochs"], r["seed"]): r for (_, v, _), r in rows.items()
+                 if v == "full" and "avg_dq" in r}
     out: list[str] = []
     for study in sorted({k[0] for k in rows}):
         mine = {k[1:]: r for k, r in rows.items() if k[0] == study and "avg_dq" in r}
         if not mine:
             continue
         r0 = next(iter(mine.values()))
+        borrowed = not any(v == "full" for v, _ in mine)
+        if borrowed:
+            mine.update({("full", k[3]): r for k, r in full_runs.items() if k[:3] == (r0["pretrained"], r0["eta"],
+                                                                                       r0["epochs"])})
         variants = sorted({v for v, _ in mine}, key=lambda v: (v != "full", v))
         out += [f"## Seed spread of fine-tuned quality (study `{study}`: pretrained `{r0['pretrained']}`, fixed step "
                 f"{r0['eta']:g}, {r0['epochs']} epochs, test set of {r0['n_test']}; best constant step "
                 f"{r0['constant_step']:.3f})", "",
                 "Each seed fixes the order of the training batches. Δ vs full: the variant's Avg Dq over full's with "
-                "the same seed, minus 1 (negative: better).", "",
+                "the same seed, minus 1 (negative: better)."
+                + (" The `full` rows are those of another study of the same pretrained model, step and epochs."
+                   if borrowed and any(v == "full" for v, _ in mine) else ""), "",
                 "| variant | seeds | test Avg Dq per seed | mean ± sd | Δ vs full per seed | mean Δ | diverged test "
                 "relaxations per seed | s / BPTT step |",
                 "| --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -332,7 +377,8 @@ def seeds_section(path: Path) -> list[str]:
 
 def run_report(args) -> None:
     cost = _latest(OUT / "cost.jsonl", lambda r: (r["atoms"], r["frames"], r["mode"]))
-    cosine = _latest(OUT / "cosine.jsonl", lambda r: r["mode"])
+    # Rows from before the "pretrained" field were measured on runs/large (2026-11-30).
+    cosine = _latest(OUT / "cosine.jsonl", lambda r: (r.get("pretrained", "runs/large"), r["mode"]))
     quality = _latest(OUT / "quality.jsonl", lambda r: r["mode"])
     lines = ["# Gradient modes on Si defects", "",
              "Produced by `python -m experiments.grad_modes {cost,cosine,quality,report}` "
@@ -384,16 +430,18 @@ def run_report(args) -> None:
                              f"{r['peak_rss_mb'] / ref['peak_rss_mb']:.2f}" if "seconds_per_step" in r else "–")
             lines.append(f"| {atoms} | {frames} | " + " | ".join(cells) + " |")
         lines.append("")
-    if cosine:
-        r0 = next(iter(cosine.values()))
+    for pre in sorted({k[0] for k in cosine}):
+        mine = {k[1]: r for k, r in cosine.items() if k[0] == pre}
+        r0 = next(iter(mine.values()))
         lines += [f"## Agreement with full BPTT ({r0['structures']} converged test structures, "
-                  f"{r0['batches']} batches, pretrained model)",
-                  "", "| mode | mean cosine | min cosine | mean relative error |",
+                  f"{r0['batches']} batches, pretrained model `{pre}`)", "",
+                  "Variants: mode-wW-kK = window W frames unrolled exactly, K frames sampled per structure "
+                  "(first_order; K = 0: every frame); a plain mode name: window 10, 8 samples.", "",
+                  "| mode | mean cosine | min cosine | mean relative error |",
                   "| --- | --- | --- | --- |"]
-        for mode in MODES:
-            if mode in cosine:
-                r = cosine[mode]
-                lines.append(f"| {mode} | {r['cosine_mean']:.4f} | {r['cosine_min']:.4f} | {r['rel_error_mean']:.3f} |")
+        for name in sorted(mine, key=lambda v: (MODES.index(parse_variant(v)[0]), parse_variant(v)[1:])):
+            r = mine[name]
+            lines.append(f"| {name} | {r['cosine_mean']:.4f} | {r['cosine_min']:.4f} | {r['rel_error_mean']:.3f} |")
         lines.append("")
     if quality:
         r0 = next((r for r in quality.values() if "avg_dq" in r), None)
@@ -434,6 +482,9 @@ def main(argv=None) -> None:
     c.add_argument("--batch", type=int, default=4)
     s = sub.add_parser("cosine")
     s.add_argument("--pretrained", required=True, help="a run directory with checkpoints/pretrained")
+    s.add_argument("--variants", nargs="*", default=None,
+                   help="mode[-wW][-kK] (window W, K sampled frames), e.g. truncated-w25 first_order-w0-k0; "
+                        "default: every mode with window 10 and 8 samples")
     q = sub.add_parser("quality")
     q.add_argument("--pretrained", required=True)
     q.add_argument("--modes", nargs="+", default=list(MODES))
@@ -449,7 +500,10 @@ def main(argv=None) -> None:
     d = sub.add_parser("seeds")
     d.add_argument("--pretrained", required=True)
     d.add_argument("--modes", nargs="+", default=["full", "truncated"])
-    d.add_argument("--windows", nargs="+", type=int, default=[10, 25, 40], help="truncated / guided windows")
+    d.add_argument("--windows", nargs="+", type=int, default=[10, 25, 40],
+                   help="truncated / guided / first_order windows")
+    d.add_argument("--samples", nargs="+", type=int, default=[SAMPLES],
+                   help="first_order: frames sampled per structure (0 = all)")
     d.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     d.add_argument("--epochs", type=int, default=5)
     d.add_argument("--basin", type=float, default=3.0)

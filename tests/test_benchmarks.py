@@ -56,8 +56,16 @@ def test_case_selection():
                                                                                  "rollout_torch_n8",
                                                                                  "rollout_jax_n8_dp2"}
     assert {c["name"] for c in select(build_cases(quick=True), ["*_dp2"])} == {
-        "rollout_jax_n8_dp2", "bptt_jax_full_n8_dp2", "bptt_jax_remat_n8_dp2", "relax4_batched_tiny_dp2"}
+        "rollout_jax_n8_dp2", "bptt_jax_full_n8_dp2", "bptt_jax_remat_n8_dp2", "bptt_jax_first_order_n8_dp2",
+        "relax4_batched_tiny_dp2"}
     assert all(c["devices"] == 2 for c in select(build_cases(quick=True), ["*_dp2"]))
+    # A mode's case carries its settings into the RelaxConfig it times (and only into its own mode's config).
+    from benchmarks.cases import _relax_config
+
+    fo = next(c for c in build_cases(quick=False) if c["name"] == "bptt_jax_first_order_n64")
+    cfg = _relax_config(fo, "first_order", 75)
+    assert (cfg.grad_mode, cfg.window_frames, cfg.sample_frames, cfg.tol) == ("first_order", 0, 32, 0.0)
+    assert _relax_config(fo, "full", 1).window is None
 
 
 def test_derived_ratios_median_and_fastest_repeat():

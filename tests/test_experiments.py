@@ -38,7 +38,10 @@ def test_report_tables(tmp_path, monkeypatch):
         {"part": "cost", "mode": "guided", "frames": 75, "atoms": 64, "batch": 4, "error": "not run: too big"}])
     _write(out / "cosine.jsonl", [{"part": "cosine", "mode": m, "cosine_mean": c, "cosine_min": c - 0.1,
                                    "rel_error_mean": 1 - c, "batches": 3, "structures": 20}
-                                  for m, c in (("full", 1.0), ("truncated", 0.8))])
+                                  for m, c in (("full", 1.0), ("truncated", 0.8))]
+           + [{"part": "cosine", "mode": m, "cosine_mean": c, "cosine_min": c, "rel_error_mean": 1 - c, "batches": 2,
+               "structures": 9, "pretrained": "runs/base"}
+              for m, c in (("first_order-w0-k32", 0.95), ("full", 1.0), ("truncated-w25", 0.9))])
     _write(out / "quality.jsonl", [
         {"part": "quality", "mode": "full", "avg_dq": 5.0, "constant_step": 7.0, "initial": 10.0,
          "reduction_pct": 28.6, "basin_threshold": 3.0, "in_basin": 9, "in_basin_constant_step": 2, "n_test": 100,
@@ -56,6 +59,13 @@ def test_report_tables(tmp_path, monkeypatch):
     ratio = next(line for line in lines if line.startswith("| 64 | 75 | 1.50 / 0.25 |"))
     assert "| 0.25 / 0.50 |" in ratio and "| 0.50 / 0.20 |" in ratio and ratio.endswith("| – |")
     assert "| truncated | 0.8000 | 0.7000 | 0.200 |" in text
+    # One table per pretrained model (rows without the field: runs/large), modes in GRAD_MODES order.
+    assert "(9 converged test structures, 2 batches, pretrained model `runs/base`)" in text
+    base = text[text.index("pretrained model `runs/base`"):].splitlines()
+    table = [line.split(" | ")[0] for line in base if line.startswith("| ") and "cosine" not in line
+             and "---" not in line][:3]
+    assert table == ["| full", "| truncated-w25", "| first_order-w0-k32"], table
+    assert "| first_order-w0-k32 | 0.9500 | 0.9500 | 0.050 |" in text
     assert "| full | 5.000 | 28.6% | 9 | 2.50 | 100 |" in text and "| implicit | failed: boom" in text
 
 
@@ -78,3 +88,9 @@ def test_seed_spread_section(tmp_path):
     trunc = next(line for line in lines if line.startswith("| truncated-w10 |"))
     assert "| +10.0% / +0.0% | +5.0% | 0 / 1 | 0.60 |" in trunc
     assert not any("truncated-w25" in line for line in lines)  # failed runs have no Avg Dq to show
+    # A study without its own full runs compares with the full runs of the same pretrained model and step.
+    _write(path, [row("full", 0, 6.0, 2.0), dict(row("first_order-w0-k32", 0, 6.3, 1.0), study="chunked")])
+    lines = grad_modes.seeds_section(path)
+    start = next(i for i, line in enumerate(lines) if "study `chunked`" in line)
+    assert "another study" in lines[start + 2]
+    assert any(line.startswith("| first_order-w0-k32 |") and "| +5.0% |" in line for line in lines[start:])

@@ -311,3 +311,128 @@ def test_implicit_solves_unconverged_structures_when_asked(converged_problem):
         assert _cos(g_solve, g_full) > 0.999
     with pytest.raises(ValueError, match="unconverged"):
         R.AdjointConfig(unconverged="maybe")
+
+
+# ----------------------------------------------------------------------------------------------------
+# first_order: BPTT through the last window frames, the earlier frames' parameter derivative at a held adjoint
+
+
+def _first_order_by_hand(theta, x0, free, target, k, eta=0.1):
+    """The first-order gradient written out: full BPTT from the recorded state k frames before each stop, plus
+    Σ_{t < stop - k} λᵀ ∂(X_t + η F(X_t; θ))/∂θ at the recorded X_t, with λ the cotangent at the window start."""
+    rule0 = R.descent(_force_fn(theta), eta, free)
+    rec = R.rollout(rule0, x0, free, max_frames=300, tol=1e-8, record=True)
+    stops = np.asarray(rec.frames)
+    traj = jnp.concatenate([x0[None], rec.trajectory])  # traj[t] = positions after t frames
+    start = jnp.stack([traj[s - k, b] for b, s in enumerate(stops)])
+
+    def window_loss(t, x):
+        res = R.rollout(R.descent(_force_fn(t), eta, free), x, free, max_frames=k, tol=0.0)
+        return jnp.sum(jnp.where(free[..., None], res.positions - target, 0.0) ** 2)
+
+    g_window, lam = jax.grad(window_loss, argnums=(0, 1))(theta, start) if k else (None, None)
+    if not k:
+        lam = 2 * jnp.where(free[..., None], start - target, 0.0)
+
+    def early(t):
+        total = 0.0
+        for b, s in enumerate(stops):
+            for i in range(s - k):
+                step = R.descent(_force_fn(t), eta, free)[1]
+                moved = step(R.descent(_force_fn(t), eta, free)[0](traj[i]))
+                total = total + jnp.sum(lam[b] * moved.positions[b])
+        return total
+
+    g_early = jax.grad(early)(theta)
+    if g_window is None:
+        return g_early
+    return jax.tree_util.tree_map(jnp.add, g_window, g_early)
+
+
+@pytest.mark.parametrize("k", [0, 6])
+def test_first_order_gradient_is_the_first_order_formula_written_out(converged_problem, k):
+    x0, free, target, theta, _, res_full = converged_problem
+    with jax.enable_x64(True):
+        g_ref = _first_order_by_hand(theta, x0, free, target, k)
+        (_, res), g = jax.value_and_grad(_loss, has_aux=True)(theta, x0, free, target, "first_order", window=k,
+                                                             samples=0)
+        np.testing.assert_allclose(np.asarray(res.positions), np.asarray(res_full.positions), atol=1e-12)
+        np.testing.assert_array_equal(np.asarray(res.frames), np.asarray(res_full.frames))
+        np.testing.assert_allclose(_flat(g), _flat(g_ref), rtol=1e-9, atol=1e-12)
+
+
+def test_first_order_is_exact_when_the_window_covers_the_relaxation(converged_problem):
+    x0, free, target, theta, g_full, res_full = converged_problem
+    with jax.enable_x64(True):
+        long = int(res_full.frames.max())
+        g = jax.grad(lambda t: _loss(t, x0, free, target, "first_order", window=long, samples=4)[0])(theta)
+        np.testing.assert_allclose(_flat(g), _flat(g_full), rtol=1e-9, atol=1e-12)
+
+
+def test_first_order_is_exact_for_position_independent_forces():
+    """With F(X; θ) = θ the frames' position Jacobians vanish, so the first-order gradient is the gradient."""
+    with jax.enable_x64(True):
+        x0, free, target, _ = _problem()
+        force = jnp.asarray(np.random.default_rng(5).normal(size=(N, 3)))
+
+        def loss(f, mode, **kw):
+            rule = R.descent(lambda x, key: jnp.broadcast_to(f, x.shape), 0.05, free)
+            res = R.rollout(rule, x0, free, max_frames=20, tol=0.0, grad_mode=mode, **kw)
+            return jnp.sum(jnp.where(free[..., None], res.positions - target, 0.0) ** 2)
+
+        g_full = jax.grad(loss)(force, "full")
+        for kw in ({"window": 0, "samples": 0}, {"window": 3, "samples": 0}):
+            np.testing.assert_allclose(np.asarray(jax.grad(loss)(force, "first_order", **kw)), np.asarray(g_full),
+                                       rtol=1e-10)
+
+
+def test_first_order_frame_sampling_is_unbiased(converged_problem):
+    """The stratified estimate over K sampled frames averages to the all-frames first-order gradient."""
+    x0, free, target, theta, _, _ = converged_problem
+    with jax.enable_x64(True):
+        def grad(key, samples):
+            return _flat(jax.grad(lambda t: _loss(t, x0, free, target, "first_order", window=3, samples=samples,
+                                                  key=key)[0])(theta))
+
+        exact = grad(jax.random.PRNGKey(0), 0)
+        draws = jax.jit(jax.vmap(lambda k: grad(k, 4)))(jax.random.split(jax.random.PRNGKey(1), 2000))
+        one = draws[0]
+        assert float(jnp.linalg.norm(one - exact) / jnp.linalg.norm(exact)) > 1e-3  # a single draw is noisy
+        err = float(jnp.linalg.norm(draws.mean(0) - exact) / jnp.linalg.norm(exact))
+        assert err < 0.02, err
+
+
+def test_first_order_samples_cover_each_structures_frames():
+    n = jnp.asarray([0, 1, 5, 40])
+    t, w = R.first_order_samples(n, 8, jax.random.PRNGKey(0), 50)
+    t, w = np.asarray(t), np.asarray(w)
+    assert t.shape == w.shape == (8, 4)
+    for b, nb in enumerate(np.asarray(n)):
+        assert (t[:, b] >= 0).all() and (t[:, b] < max(nb, 1)).all()
+        np.testing.assert_allclose(w[:, b].sum(), nb)
+        if nb == 40:  # one draw in each stratum of 5 frames
+            np.testing.assert_array_equal(t[:, b] // 5, np.arange(8))
+    t_all, w_all = R.first_order_samples(n, 0, None, 50)
+    np.testing.assert_array_equal(np.asarray(w_all).sum(0), np.asarray(n))
+
+
+@pytest.mark.parametrize("chunk", [3, 4])
+def test_first_order_in_chunks_equals_all_at_once(converged_problem, chunk):
+    """``sample_chunk``: the sampled frames differentiated a few at a time (a loop; the last chunk padded with
+    weight-0 frames) accumulate the same gradient."""
+    x0, free, target, theta, _, _ = converged_problem
+    with jax.enable_x64(True):
+        def grad(c):
+            return jax.grad(lambda t: _loss(t, x0, free, target, "first_order", window=2, samples=8, sample_chunk=c,
+                                            key=jax.random.PRNGKey(3))[0])(theta)
+        np.testing.assert_allclose(_flat(grad(chunk)), _flat(grad(0)), rtol=1e-12, atol=1e-14)
+
+
+def test_window_defaults_per_mode():
+    assert RelaxConfig(grad_mode="truncated").window_frames == RelaxConfig(grad_mode="guided").window_frames == 10
+    assert RelaxConfig(grad_mode="first_order").window_frames == 0
+    assert RelaxConfig(grad_mode="first_order", window=4).window_frames == 4
+    with pytest.raises(ValueError, match="window"):
+        RelaxConfig(grad_mode="truncated", window=0)
+    with pytest.raises(ValueError, match="sample"):
+        RelaxConfig(grad_mode="first_order", sample_frames=-1)

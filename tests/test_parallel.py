@@ -119,6 +119,14 @@ np.testing.assert_allclose(float(m_two["loss"]), float(m_one["loss"]), rtol=1e-5
 jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7),
                        s_one.params, s_two.params)
 print("FIT LENGTH", length, flush=True)
+# first_order gathers each structure's recorded states and samples frames per structure: also split correctly.
+bf = BPTT(bptt.model, dataclasses.replace(bptt.relax, grad_mode="first_order", window=1, sample_frames=2), bptt.optim)
+fo = jax.value_and_grad(lambda p, b: bf.loss(p, b, key)[0])
+(lf1, gf1), (lf2, gf2) = jax.jit(fo)(params, full), jax.jit(fo, in_shardings=(rep, data), out_shardings=rep)(
+    params, sharded)
+np.testing.assert_allclose(float(lf2), float(lf1), rtol=1e-6)
+jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7),
+                       gf1, gf2)
 # Test-set relaxations split over the local devices (the pipeline's baselines and evaluations) and in-flight
 # relaxation with its slots split over them give the one-device results.
 from bptt_jax import pipeline
