@@ -1,6 +1,7 @@
 """``first_order`` BPTT steps at bench size under several settings (sampled frames, chunk size, window).
 
     .venv/bin/python -m benchmarks.first_order [--atoms 64] [--samples 32] [--chunks 0 8 4 2 1] [--window 0]
+                                               [--frames 75] [--batch 8] [--preset bench]
 
 One device, the bench case's set-up (B = 8 rattled Si cells, bench ADAPT, 75 frames, nothing converges). Prints
 one JSON line per setting: the fastest of ``--repeats`` compiled steps after a warm-up, and XLA's temporary
@@ -19,7 +20,10 @@ from bptt_jax.runtime import CPU_XLA_FLAGS, add_xla_flags
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--atoms", type=int, default=64, choices=[64, 216])
+    ap.add_argument("--atoms", type=int, default=64, choices=[8, 64, 216])
+    ap.add_argument("--frames", type=int, default=75)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--preset", default="bench")
     ap.add_argument("--samples", nargs="+", type=int, default=[32])
     ap.add_argument("--chunks", nargs="+", type=int, default=[0, 8, 4, 2, 1])
     ap.add_argument("--window", type=int, default=0)
@@ -32,13 +36,14 @@ def main(argv=None) -> None:
     from benchmarks import cases
     from bptt_jax.bptt import BPTT, OptimConfig
 
-    spec = dict(batch=8, atoms=args.atoms, frames=75, preset="bench", step_size=0.01, mode="first_order")
+    spec = dict(batch=args.batch, atoms=args.atoms, frames=args.frames, preset=args.preset, step_size=0.01,
+                mode="first_order")
     _, model, batch, _ = cases._jax_setup(spec)
     settings = [("first_order", dict(window=args.window, sample_frames=k, sample_chunk=c))
                 for k in args.samples for c in args.chunks]
     settings.append(("truncated", dict(window=1)))
     for mode, extra in settings:
-        bptt = BPTT(model, cases._relax_config(spec, mode, 75, **extra), OptimConfig())
+        bptt = BPTT(model, cases._relax_config(spec, mode, args.frames, **extra), OptimConfig())
         state = bptt.init_state(bptt.init_params(jax.random.PRNGKey(0), batch), jax.random.PRNGKey(0))
         step = bptt.train_step.lower(state, batch).compile()
         state, metrics = step(state, batch)
@@ -50,8 +55,9 @@ def main(argv=None) -> None:
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - t0)
         temp = step.memory_analysis().temp_size_in_bytes / 2**20
-        print(json.dumps({"atoms": args.atoms, "mode": mode, **extra, "seconds_min": round(min(times), 3),
-                          "xla_temp_mb": round(temp)}), flush=True)
+        print(json.dumps({"atoms": args.atoms, "frames": args.frames, "mode": mode, **extra,
+                          "seconds_min": round(min(times), 4), "xla_temp_mb": round(temp),
+                          "loss": float(metrics["loss"])}), flush=True)
 
 
 if __name__ == "__main__":

@@ -143,3 +143,21 @@ def test_torch_reference_matches_flax():
     gn_t = float(torch.sqrt(sum((p.grad ** 2).sum() for p in tmodel.parameters())))
     assert float(loss_t.detach()) == pytest.approx(float(loss_j), rel=1e-5)
     assert gn_t == pytest.approx(gn_j, rel=1e-4)
+
+
+def test_first_order_settings_probe(capsys, monkeypatch):
+    """benchmarks.first_order times first_order steps under several chunk sizes (tiny sizes here): one JSON line
+    per setting, and the same relaxation (the loss of the last step) whatever the chunk."""
+    import os
+
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # the probe appends its flags; restored after
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import first_order
+
+    first_order.main(["--atoms", "8", "--frames", "6", "--batch", "2", "--preset", "tiny", "--samples", "3",
+                      "--chunks", "0", "2", "--repeats", "1"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(r["mode"], r.get("sample_chunk")) for r in rows] == [("first_order", 0), ("first_order", 2),
+                                                                  ("truncated", None)]
+    assert all(r["seconds_min"] > 0 and r["xla_temp_mb"] >= 0 for r in rows)
+    assert rows[0]["loss"] == pytest.approx(rows[1]["loss"], rel=1e-5)
