@@ -685,8 +685,7 @@ def rollout(
     if remat and grad_mode == "full":
         grad_mode, segment = "remat", 1
     init_fn, step_fn = rule
-    if window is None:
-        window = DEFAULT_WINDOW.get(grad_mode, 10)
+    window = window_frames(grad_mode, window)
     start = positions
     state0 = init_fn(positions, key)
     n_free = jnp.sum(free_mask, axis=-1)
@@ -714,18 +713,16 @@ def rollout(
     if grad_mode == "first_order":
         k = max(0, min(window, max_frames))
         fwd, states = _forward_recording(frame, carry0, max_frames)
-        frames_all = fwd[2]
-        n_early = jnp.maximum(frames_all - k, 0)
+        n_early = jnp.maximum(fwd[2] - k, 0)
         index, weights = first_order_samples(n_early, samples, key, max_frames)
         if k == 0:  # no window: the first-order part ends at the final state
-            tail_state = fwd[0]
-        else:  # the window starts from the recorded state k frames before each structure's stop
-            tail_state = jax.tree_util.tree_map(lambda x: x[0], _gather_frames(states, n_early[None, :]))
+            state, _, frames, converged, diverged = fwd
+            tail = _attach_first_order(step_fn, _gather_frames(states, index), weights, state.positions, sample_chunk)
+            return RolloutResult(tail, frames, converged, diverged, state.replace(positions=tail))
+        # The window starts from the recorded state k frames before each structure's stop.
+        tail_state = jax.tree_util.tree_map(lambda x: x[0], _gather_frames(states, n_early[None, :]))
         tail = _attach_first_order(step_fn, _gather_frames(states, index), weights, tail_state.positions,
                                    sample_chunk)
-        if k == 0:
-            state, _, frames, converged, diverged = fwd
-            return RolloutResult(tail, frames, converged, diverged, state.replace(positions=tail))
         carry_w = (tail_state.replace(positions=tail), done0, n_early, jnp.zeros_like(done0), jnp.zeros_like(done0))
         carry, _ = _scan_frames(frame, carry_w, k, segment=0, skip_converged=skip_converged, record=False)
         state, _, frames, converged, diverged = carry
@@ -757,6 +754,11 @@ def rollout(
 # Frames unrolled before each structure's stop when ``RelaxConfig.window`` is None. first_order: none (the
 # gradient-mode study found a 10-frame window no better, and it costs a sequential unroll).
 DEFAULT_WINDOW = {"truncated": 10, "guided": 10, "first_order": 0}
+
+
+def window_frames(grad_mode: str, window: Optional[int] = None) -> int:
+    """``window``, or ``grad_mode``'s default (:data:`DEFAULT_WINDOW`) when it is None."""
+    return DEFAULT_WINDOW.get(grad_mode, 10) if window is None else window
 
 
 @dataclasses.dataclass(frozen=True)
@@ -831,7 +833,7 @@ class RelaxConfig:
     @property
     def window_frames(self) -> int:
         """``window``, or the gradient mode's default when it is None."""
-        return DEFAULT_WINDOW.get(self.grad_mode, 10) if self.window is None else self.window
+        return window_frames(self.grad_mode, self.window)
 
     @property
     def adjoint(self) -> AdjointConfig:

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from bptt_jax.runtime import CPU_XLA_FLAGS, add_xla_flags
 
@@ -41,12 +42,12 @@ SAMPLES = 32  # first_order: frames per structure whose parameter derivative is 
 WINDOWED = ("truncated", "guided", "first_order")
 
 
-def parse_variant(name: str) -> tuple[str, int, int]:
-    """``"mode[-wW][-kK]"`` → (mode, window, samples): e.g. ``first_order-w10-k8``, ``truncated-w25``, ``full``."""
-    mode, window, samples = name, WINDOW, SAMPLES
-    parts = name.split("-")
-    mode = parts[0]
-    for p in parts[1:]:
+def parse_variant(name: str) -> tuple[str, Optional[int], int]:
+    """``"mode[-wW][-kK]"`` → (mode, window, samples): e.g. ``first_order-w10-k8``, ``truncated-w25``, ``full``.
+    Without ``-wW`` the window is None: the mode's default (``RelaxConfig.window_frames``)."""
+    window, samples = None, SAMPLES
+    mode, *parts = name.split("-")
+    for p in parts:
         if p[:1] == "w" and p[1:].isdigit():
             window = int(p[1:])
         elif p[:1] == "k" and p[1:].isdigit():
@@ -104,7 +105,7 @@ def cost_child(mode: str, frames: int, atoms: int, batch: int, repeats: int) -> 
     # tol=0: every mode runs all frames; implicit/guided then solve the adjoint for every structure anyway
     # (adjoint_unconverged="solve"), so their rows are the cost of a real solve.
     relax = RelaxConfig(step_size=0.005, step_mode="learned", max_frames=frames, tol=0.0, skip_converged=False,
-                        grad_mode=mode, window=WINDOW, remat_segment=0 if mode == "remat" else 1,
+                        grad_mode=mode, remat_segment=0 if mode == "remat" else 1,
                         adjoint_unconverged="solve",
                         # a fresh model's forces drift the cell without end; with the default 5 Å bound the
                         # 216-atom cells were all frozen as diverged by frame ~38 of 200 and the step ran short
@@ -137,7 +138,7 @@ def cost_child(mode: str, frames: int, atoms: int, batch: int, repeats: int) -> 
             "seconds_per_step": sec, "frames_per_s": frames * batch / sec, "first_step_s": compile_s,
             "xla_temp_mb": temp_mb, "loadavg_1m": os.getloadavg()[0],
             "peak_rss_mb": _rss_mb(), "base_rss_mb": base_rss, "repeats": repeats,
-            "window": WINDOW if mode in WINDOWED else None,
+            "window": relax.window_frames if mode in WINDOWED else None,
             "adjoint_residual": float(m["adjoint_residual"]) if "adjoint_residual" in m else None,
             # what the step really ran: a structure that diverges is frozen, and a batch whose structures have
             # all diverged stops early, so frames/s is only comparable where mean_frames == frames
@@ -211,23 +212,20 @@ def run_cosine(args) -> None:
         return jnp.concatenate([x.ravel() for x in jax.tree_util.tree_leaves(tree)])
 
     grads: dict[str, list] = {}
-    names = ["full"] + [v for v in (args.variants or MODES) if v != "full"]
-    for name in names:
+    rows = []
+    for name in ["full"] + [v for v in (args.variants or MODES) if v != "full"]:  # full first: the reference
         mode, window, samples = parse_variant(name)
         bp = BPTT(model, RelaxConfig(step_size=eta, step_mode="learned", max_frames=75, tol=1e-3, grad_mode=mode,
                                      window=window, sample_frames=samples, remat_segment=0))
         fn = jax.jit(jax.grad(lambda q, b, k: bp.loss(q, b, k)[0]))
         # A fixed key per batch: sampled modes (first_order with samples > 0) draw their frames from it.
         grads[name] = [flat(fn(p, b, jax.random.PRNGKey(i))) for i, (_, b) in enumerate(conv_batches)]
-    rows = []
-    for name in names:
-        mode, window, samples = parse_variant(name)
         cos = [float(g @ f / (jnp.linalg.norm(g) * jnp.linalg.norm(f))) for g, f in zip(grads[name], grads["full"])]
         rel = [float(jnp.linalg.norm(g - f) / jnp.linalg.norm(f)) for g, f in zip(grads[name], grads["full"])]
         row = {"part": "cosine", "mode": name if args.variants else mode, "cosine_mean": float(np.mean(cos)),
                "cosine_min": float(np.min(cos)), "rel_error_mean": float(np.mean(rel)), "batches": len(cos),
                "structures": len(keep), "pretrained": str(args.pretrained),
-               "window": window if mode in WINDOWED else None,
+               "window": bp.relax.window_frames if mode in WINDOWED else None,
                "samples": samples if mode == "first_order" else None}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -436,10 +434,15 @@ def run_report(args) -> None:
         lines += [f"## Agreement with full BPTT ({r0['structures']} converged test structures, "
                   f"{r0['batches']} batches, pretrained model `{pre}`)", "",
                   "Variants: mode-wW-kK = window W frames unrolled exactly, K frames sampled per structure "
-                  "(first_order; K = 0: every frame); a plain mode name: window 10, 8 samples.", "",
+                  "(first_order; K = 0: every frame); a plain mode name: the mode's default window (truncated and "
+                  f"guided {WINDOW}, first_order 0), {SAMPLES} samples.", "",
                   "| mode | mean cosine | min cosine | mean relative error |",
                   "| --- | --- | --- | --- |"]
-        for name in sorted(mine, key=lambda v: (MODES.index(parse_variant(v)[0]), parse_variant(v)[1:])):
+        def order(v):
+            mode, window, samples = parse_variant(v)
+            return MODES.index(mode), -1 if window is None else window, samples
+
+        for name in sorted(mine, key=order):
             r = mine[name]
             lines.append(f"| {name} | {r['cosine_mean']:.4f} | {r['cosine_min']:.4f} | {r['rel_error_mean']:.3f} |")
         lines.append("")
@@ -484,7 +487,7 @@ def main(argv=None) -> None:
     s.add_argument("--pretrained", required=True, help="a run directory with checkpoints/pretrained")
     s.add_argument("--variants", nargs="*", default=None,
                    help="mode[-wW][-kK] (window W, K sampled frames), e.g. truncated-w25 first_order-w0-k0; "
-                        "default: every mode with window 10 and 8 samples")
+                        f"default: every mode with its default window and {SAMPLES} samples")
     q = sub.add_parser("quality")
     q.add_argument("--pretrained", required=True)
     q.add_argument("--modes", nargs="+", default=list(MODES))
