@@ -3,7 +3,7 @@
 Everything here is a pure function of explicit pytrees::
 
     bptt = BPTT(model, RelaxConfig(...), OptimConfig(...))
-    params = bptt.init_params(key, batch)              # {"model": ..., ["step_size"], ["step_head"]}
+    params = bptt.init_params(key, batch)              # {"model": ..., ["log_step_size"], ["step_head"]}
     state = bptt.init_state(params, key)               # TrainState(params, opt_state, step, rng)
     state, metrics = bptt.train_step(state, batch)     # jit: value_and_grad through the rollout, clip+Adam
 
@@ -42,12 +42,16 @@ class OptimConfig:
       clip_norm: global-norm gradient clip.
       loss: ``"dq"`` (Si defects, catalysts) or ``"mse"`` (pure crystals).
       prox_weight: weight λ of ``λ/2 · ||θ - θ_ref||²`` on the model parameters (0 = off).
+      step_learning_rate: Adam learning rate of the learned step size's logarithm ``log η`` (a float or an
+        optax schedule; None = ``learning_rate``). Adam moves a parameter by about its learning rate per step,
+        so this is the relative change of η per step (0.01: about 1%), whatever the scale of η.
     """
 
     learning_rate: Union[float, optax.Schedule] = 1e-4
-    clip_norm: float = 1.0
+    clip_norm: Optional[float] = 1.0
     loss: str = "dq"
     prox_weight: float = 0.0
+    step_learning_rate: Union[float, optax.Schedule, None] = None
 
     def __post_init__(self):
         if self.loss not in ("dq", "mse"):
@@ -55,8 +59,19 @@ class OptimConfig:
 
 
 def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
-    """``optax.chain(clip_by_global_norm, adam)``."""
-    return optax.chain(optax.clip_by_global_norm(config.clip_norm), optax.adam(config.learning_rate))
+    """``optax.chain(clip_by_global_norm, adam)``; with ``step_learning_rate`` the learned ``log η`` has an
+    Adam of its own rate (``optax.multi_transform``), clipped together with the model's gradient.
+    ``clip_norm=None``: no clipping."""
+    clip = [] if config.clip_norm is None else [optax.clip_by_global_norm(config.clip_norm)]
+    if config.step_learning_rate is None:
+        return optax.chain(*clip, optax.adam(config.learning_rate))
+
+    def labels(params):
+        return {k: jax.tree_util.tree_map(lambda _: "step" if k == "log_step_size" else "model", v)
+                for k, v in params.items()}
+
+    return optax.chain(*clip, optax.multi_transform(
+        {"model": optax.adam(config.learning_rate), "step": optax.adam(config.step_learning_rate)}, labels))
 
 
 @flax.struct.dataclass
@@ -93,7 +108,7 @@ class BPTT:
 
     def __post_init__(self):
         if self.relax.step_mode == "network" and self.step_head is None:
-            object.__setattr__(self, "step_head", StepHead(init_step=self.relax.step_size))
+            object.__setattr__(self, "step_head", StepHead(init_step=self.relax.step_size, output="exp"))
         # Jitted entry points; the instance is captured by closure, so each shape compiles once.
         object.__setattr__(self, "train_step", jax.jit(self._train_step))
         object.__setattr__(self, "_train_step_frames", jax.jit(self._train_step, static_argnames=("n_frames",)))
@@ -110,16 +125,22 @@ class BPTT:
         self._add_step_params(params, k_head, batch)
         return params
 
-    def with_model_params(self, model_variables: Any, key: Array, batch: Batch) -> Params:
-        """Parameters around pretrained model variables (step-size parameters freshly initialised)."""
+    def with_model_params(self, model_variables: Any, key: Array, batch: Batch,
+                          step_size: Optional[float] = None) -> Params:
+        """Parameters around pretrained model variables (step-size parameters freshly initialised, a learned
+        scalar at ``step_size`` when given, else at ``relax.step_size``)."""
         params: Params = {"model": model_variables}
-        self._add_step_params(params, key, batch)
+        self._add_step_params(params, key, batch, step_size)
         return params
 
-    def _add_step_params(self, params: Params, key: Array, batch: Batch) -> None:
+    def _add_step_params(self, params: Params, key: Array, batch: Batch, step_size: Optional[float] = None) -> None:
         dtype = batch.positions.dtype
         if self.relax.step_mode == "learned":
-            params["step_size"] = jnp.asarray(self.relax.step_size, dtype)
+            # η = exp(log η): positive by construction, however far training pushes it.
+            eta = self.relax.step_size if step_size is None else step_size
+            if not eta > 0:
+                raise ValueError(f"a learned step size starts from a positive value, not {eta}")
+            params["log_step_size"] = jnp.log(jnp.asarray(eta, dtype))
         elif self.relax.step_mode == "network":
             params["step_head"] = self.step_head.init(key, batch, jnp.zeros_like(batch.positions))
 
@@ -129,7 +150,7 @@ class BPTT:
     def step_size(self, params: Params) -> Optional[Array]:
         """The current scalar step size (fixed or learned); None for the network head."""
         if self.relax.step_mode == "learned":
-            return params["step_size"]
+            return jnp.exp(params["log_step_size"])
         if self.relax.step_mode == "fixed":
             return jnp.asarray(self.relax.step_size)
         return None
@@ -151,7 +172,7 @@ class BPTT:
 
         step_size = None
         if self.relax.step_mode == "learned":
-            step_size = params["step_size"]
+            step_size = jnp.exp(params["log_step_size"])
         elif self.relax.step_mode == "network":
             def step_size(R, F, k):  # noqa: E306
                 b = batch.replace(positions=R)
@@ -257,7 +278,7 @@ class BPTT:
             "converged": jnp.sum(aux["converged"] & smask),
         }
         if self.relax.step_mode == "learned":
-            metrics["step_size"] = params["step_size"]
+            metrics["step_size"] = self.step_size(params)
         if residual is not None:
             # Worst relative residual of the adjoint solve over real structures (0 when not solved).
             metrics["adjoint_residual"] = jnp.max(jnp.where(smask, residual, 0.0))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -90,13 +91,30 @@ def summarize_sweep(sweep_dir: Path) -> str:
     # Name each run by the overrides that differ across the sweep.
     swept = sorted({k for o in overrides for k in o if len({x.get(k) for x in overrides}) > 1})
     rows = [(" ".join(f"{k}={o.get(k)}" for k in swept) or name, r) for (name, r), o in zip(rows, overrides)]
-    lines = ["| run | η initial | η final | constant step | FIRE | BPTT | reduction % |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
     fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+    cols = [("η initial", lambda r: r["step_size_initial"]), ("η final", lambda r: r["step_size_final"]),
+            ("kept epoch", lambda r: (r.get("bptt_selection") or {}).get("kept_epoch")),
+            ("unrelaxed", lambda r: r["avg_dq"]["initial"]), ("constant step", lambda r: r["avg_dq"]["constant_step"]),
+            ("FIRE", lambda r: r["avg_dq"]["fire"]), ("oracle", lambda r: r["avg_dq"].get("oracle")),
+            ("force control", lambda r: r["avg_dq"].get("force_control")), ("BPTT", lambda r: r["avg_dq"]["bptt"]),
+            ("reduction %", lambda r: r["reduction_pct"]),
+            ("basins const/BPTT", None)]
+    lines = ["| run | " + " | ".join(c for c, _ in cols) + " |", "|" + " --- |" * (len(cols) + 1)]
+
+    def basins(r):
+        b = r.get("basins") or {}
+        return f"{b.get('constant_step', '-')}/{b.get('bptt', '-')}"
+
     for name, r in rows:
-        a = r["avg_dq"]
-        lines.append(f"| {name} | {fmt(r['step_size_initial'])} | {fmt(r['step_size_final'])} | "
-                     f"{fmt(a['constant_step'])} | {fmt(a['fire'])} | {fmt(a['bptt'])} | {fmt(r['reduction_pct'])} |")
+        lines.append(f"| {name} | " + " | ".join(fmt(f(r)) if f else basins(r) for _, f in cols) + " |")
+    if swept == ["seed"] and len(rows) > 1:  # a seed study: mean ± sample std of every figure
+        def stat(f):
+            vals = [f(r) for _, r in rows]
+            if any(v is None for v in vals):
+                return "-"
+            return f"{statistics.mean(vals):.4g} ± {statistics.stdev(vals):.2g}"
+
+        lines.append(f"| mean ± std ({len(rows)} seeds) | " + " | ".join(stat(f) if f else "" for _, f in cols) + " |")
     return "\n".join(lines)
 
 

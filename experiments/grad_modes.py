@@ -179,24 +179,22 @@ def run_cosine(args) -> None:
     import numpy as np
 
     from bptt_jax.bptt import BPTT
-    from bptt_jax.data.trajectory import SkipLog, split
+    from bptt_jax.data.trajectory import SkipLog
     from bptt_jax.models import build_model
-    from bptt_jax.pipeline import DataConfig, load_trajectories, relax_batches, relaxation_items, restore_checkpoint
+    from bptt_jax.pipeline import DataConfig, load_split, relax_batches, relaxation_items, restore_checkpoint
     from bptt_jax.relax import RelaxConfig
 
     run = Path(args.pretrained)
     meta = json.loads((run / "results.json").read_text())
     data = DataConfig(name="si_defects", n=240, cache_dir=str(ROOT / "data"), n_test=100)
-    trajs = load_trajectories(data, SkipLog(), progress=False)
-    _, test = split(trajs, data.n_test)
-    items = relaxation_items(test)
+    items = relaxation_items(load_split(data, SkipLog(), progress=False).test)
     model = build_model("adapt", "small_geo")
     batches = relax_batches(items, 8, data.buckets)
     sample = batches[0][1]
     params, _, _ = restore_checkpoint(run / "checkpoints" / "pretrained", model.init(jax.random.PRNGKey(0), sample))
     eta = float(meta["constant_step_best"])
     base = RelaxConfig(step_size=eta, step_mode="learned", max_frames=75, tol=1e-3)
-    p = {"model": params, "step_size": jnp.asarray(eta, jnp.float32)}
+    p = {"model": params, "log_step_size": jnp.log(jnp.asarray(eta, jnp.float32))}
 
     # Keep the structures that converge under the pretrained model, re-batched by size.
     probe = BPTT(model, base)

@@ -36,7 +36,7 @@ def test_rollout_gradient_matches_float64_finite_differences(si_pairs, tol):
         if tol:
             assert frames[:3].min() < 12, frames
         checks = [
-            (("step_size",), ()),
+            (("log_step_size",), ()),
             (("model", "params", "embed", "dense_0", "kernel"), (0, 1)),
             (("model", "params", "encoder_0", "attn", "query", "kernel"), (2, 1, 0)),
             (("model", "params", "encoder_0", "ffn", "dense_1", "kernel"), (3, 5)),
@@ -121,3 +121,32 @@ def test_evaluate_and_relax_batch(si_pairs):
     res = bptt.relax_batch(params, batch)
     np.testing.assert_array_equal(np.asarray(out["frames"]), np.asarray(res.frames))
     assert out["per_structure"].shape == (4,) and float(out["per_structure"][3]) == 0.0
+
+
+def test_learned_step_size_stays_positive_when_driven_to_zero(si_pairs):
+    # Targets = the starting positions: every move costs, so training drives η toward 0. Adam with a large
+    # rate on log η moves it by up to ~0.5 per step; a raw η would have crossed zero in its first step.
+    starts = [s for s, _ in si_pairs]
+    batch = Batch.from_structures(starts, [s.positions for s in starts], batch_size=4)
+    bptt = BPTT(build_model("adapt", "tiny"), RelaxConfig(step_size=0.05, step_mode="learned", max_frames=5),
+                OptimConfig(learning_rate=1e-3, step_learning_rate=0.5, clip_norm=None))
+    state = bptt.init_state(bptt.init_params(KEY, batch), KEY)
+    etas = []
+    for _ in range(30):
+        state, metrics = bptt.train_step(state, batch)
+        etas.append(float(metrics["step_size"]))
+    assert all(np.isfinite(etas)) and min(etas) > 0.0, etas
+    assert etas[-1] < 0.01 * 0.05 and np.all(np.diff(etas) < 0), etas  # driven 100x down, still positive
+    assert float(bptt.step_size(state.params)) == pytest.approx(etas[-1])
+
+
+def test_step_learning_rate_is_the_relative_change_of_eta(si_pairs):
+    batch = _batch(si_pairs, batch_size=4)
+    bptt = BPTT(build_model("adapt", "tiny"), RelaxConfig(step_size=0.05, step_mode="learned", max_frames=5),
+                OptimConfig(learning_rate=0.0, step_learning_rate=0.01))
+    state = bptt.init_state(bptt.init_params(KEY, batch), KEY)
+    new, _ = bptt.train_step(state, batch)
+    # Adam's first step moves log η by (almost exactly) its rate; the model (rate 0) does not move.
+    assert abs(float(new.params["log_step_size"] - state.params["log_step_size"])) == pytest.approx(0.01, rel=1e-3)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                           new.params["model"], state.params["model"])

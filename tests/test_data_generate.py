@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from bptt_jax.data import read_trajectories
-from bptt_jax.data.generate import (SiDefectParams, build_si_defect, generate, make_params)
+from bptt_jax.data.generate import (SiDefectParams, build_catalyst, build_crystal, build_si_defect, generate,
+                                    make_params)
 
 
 def _read_all(path):
@@ -56,8 +57,36 @@ def test_si_defects_generation_is_deterministic_and_cached(tmp_path):
     assert t.pbc.all() and not t.cell_changes
 
 
+def test_catalyst_defaults_free_two_layers_of_a_3x3_slab():
+    p = make_params("catalysts")
+    facets = set()
+    for i in range(24):
+        atoms, info = build_catalyst(p, np.random.default_rng([0, i]))
+        facets.add(info["facet"])
+        tags, z = atoms.get_tags(), atoms.positions[:, 2]
+        assert len(atoms) <= 40, info
+        # 3x3 surface, 4 layers (211: terraces of three (211) planes), the top 2 free: 18 free, 18 fixed.
+        assert (tags == 1).sum() == 18 and (tags == 0).sum() == 18, info
+        assert z[tags == 1].min() > z[tags == 0].max()
+        # The adsorbate starts above the surface, and nothing overlaps after the rattle.
+        assert z[tags == 2][0] - z[tags == 1].max() > 1.0, info
+        d = atoms.get_all_distances(mic=True)[np.triu_indices(len(atoms), 1)]
+        assert d.min() > 0.8, info
+    assert facets == {"111", "100", "211"}
+
+
+def test_crystal_defaults_are_big_enough_and_not_overlapping():
+    p = make_params("pure_crystals")
+    for i in range(40):
+        atoms, info = build_crystal(p, np.random.default_rng([0, i]))
+        assert p.min_atoms <= len(atoms) <= p.max_atoms, info  # no 1-atom cell: nothing to relax there
+        d = atoms.get_all_distances(mic=True)[np.triu_indices(len(atoms), 1)]
+        assert d.min() > 1.6, info  # nearest neighbours are 2.5-2.9 Å apart in these metals
+
+
 def test_catalysts_have_fixed_subsurface_and_oc20_tags(tmp_path):
-    generate("catalysts", tmp_path, preset="tiny", n=3, seed=1, progress=False)
+    m = generate("catalysts", tmp_path, preset="tiny", n=3, seed=1, progress=False)
+    assert m["counts"]["atoms_max"] <= 21  # the tiny preset stays tiny (2x2x3; a 211 slab has 18 atoms)
     for t in _read_all(tmp_path):
         assert list(t.pbc) == [True, True, False]
         assert set(np.unique(t.tags)) == {0, 1, 2}

@@ -94,3 +94,31 @@ def test_seed_spread_section(tmp_path):
     start = next(i for i, line in enumerate(lines) if "study `chunked`" in line)
     assert "another study" in lines[start + 2]
     assert any(line.startswith("| first_order-w0-k32 |") and "| +5.0% |" in line for line in lines[start:])
+
+
+def test_headline_report_gives_mean_and_std_over_seeds(tmp_path):
+    from experiments.headline import load_runs, report
+
+    def fake(seed, const, bptt, pre_epochs=16):
+        d = tmp_path / ("doubled" if pre_epochs == 32 else "seeds") / str(seed)
+        d.mkdir(parents=True)
+        methods = {"constant_step": const, "fire": 9.0, "oracle": 3.0, "force_control": const - 0.1, "bptt": bptt}
+        res = {"dataset": "si_defects", "model": "adapt", "loss": "dq", "seed": seed, "n_train": 119, "n_val": 21,
+               "split": {"test_used": 100, "test_records": 100},
+               "avg_dq": {"initial": 10.0, **methods}, "avg_dq_without_diverged": methods,
+               "diverged": {k: 0 for k in methods}, "basins": {"threshold_dq": 3.0, "initial": 0,
+                                                               **{k: 10 for k in methods}},
+               "reduction_pct": 100 * (const - bptt) / const, "reduction_vs_force_control_pct": 20.0,
+               "reduction_vs_fire_pct": 50.0, "bptt_selection": {"kept_epoch": 5, "val_loss": [7.0, 6.0]},
+               "step_size_initial": 0.005, "step_size_final": 0.01,
+               "force_l2": {"pretrained": 5.0, "bptt": 9.0, "force_control": 4.9},
+               "pretrain_epochs": pre_epochs, "pretrain_stop": "max_epochs", "wall_s": {"pretrain": 60.0}}
+        (d / "results.json").write_text(json.dumps(res))
+
+    for seed, const, bptt in [(0, 6.0, 4.0), (1, 7.0, 5.0), (2, 6.5, 4.5)]:
+        fake(seed, const, bptt)
+        fake(seed, const * 0.98, bptt, pre_epochs=32)
+    text = report(load_runs(tmp_path / "seeds"), load_runs(tmp_path / "doubled"), "cmd")
+    assert "| best constant step (test grid) | 6.500 ± 0.500 | 6.000 / 7.000 / 6.500 |" in text
+    assert "| BPTT-tuned | 4.500 ± 0.500 |" in text
+    assert "| 0 | 16 | 6.000 | 32 | 5.880 | -2.0% |" in text

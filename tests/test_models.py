@@ -95,7 +95,7 @@ def test_resmlp_parameter_count(si_pairs):
         ResMLP(max_atoms=4, width=8, n_blocks=1).init(KEY, batch)
 
 
-@pytest.mark.parametrize("output", ["linear", "softplus"])
+@pytest.mark.parametrize("output", ["linear", "exp", "softplus"])
 def test_step_head_constant_output_init(si_pairs, output):
     batch = _batch(si_pairs, batch_size=4)
     head = StepHead(d_model=16, n_heads=2, ffn_dim=16, init_step=0.077, output=output)

@@ -152,7 +152,7 @@ def test_bptt_double_backprop(si_pairs):
         eps = 1e-6
         for path, index in [(("model", "params", "energy_proj", "kernel"), (3, 0)),
                             (("model", "params", "encoder_0", "distance_bias", "kernel"), (1, 0)),
-                            (("step_size",), ())]:
+                            (("log_step_size",), ())]:
             x = float(get_leaf(params, path)[index])
             up, down = loss(set_leaf(params, path, index, x + eps)), loss(set_leaf(params, path, index, x - eps))
             fd = (up - down) / (2 * eps)

@@ -86,7 +86,7 @@ grad_two = jax.jit(grad_fn, in_shardings=(rep, data), out_shardings=rep)
 loss1, g1 = grad_one(params, full)
 loss2, g2 = grad_two(params, sharded)
 np.testing.assert_allclose(float(loss2), float(loss1), rtol=1e-6)
-assert g1["step_size"].sharding.device_set == {jax.devices()[0]} and g2["step_size"].sharding.is_fully_replicated
+assert g1["log_step_size"].sharding.device_set == {jax.devices()[0]} and g2["log_step_size"].sharding.is_fully_replicated
 for path, a in jax.tree_util.tree_leaves_with_path(g1):
     b = g2
     for k in path:
@@ -102,7 +102,7 @@ updates, _ = make_optimizer(bptt.optim).update(g1, state.opt_state, params)
 p1 = optax.apply_updates(params, updates)
 step = parallel.shard_train_step(bptt, mesh)
 s2, m2 = step(parallel.replicate(state, mesh), sharded, None)
-assert s2.params["step_size"].sharding.is_fully_replicated and int(s2.step) == 1
+assert s2.params["log_step_size"].sharding.is_fully_replicated and int(s2.step) == 1
 np.testing.assert_allclose(float(m2["loss"]), float(loss1), rtol=1e-5)
 np.testing.assert_allclose(float(m2["grad_norm"]), float(optax.tree.norm(g1)), rtol=1e-5)
 jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7),
@@ -192,7 +192,7 @@ new, m = parallel.shard_train_step(bptt, mesh)(parallel.replicate(state, mesh), 
                                                 None)
 # The whole batch on one device (no collectives) as the reference.
 ref = float(jax.jit(lambda p, b: bptt.loss(p, b, None)[0])(params, full))
-step_size = float(parallel.unreplicate(new.params)["step_size"])
+step_size = float(np.exp(parallel.unreplicate(new.params)["log_step_size"]))
 print(f"RESULT {pid} {float(m['loss'])!r} {ref!r} {step_size!r}", flush=True)
 """
 

@@ -14,7 +14,7 @@ from bptt_jax.train import config_from_hydra
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["dataset.preset=tiny", "dataset.n=10", "dataset.n_test=4", "dataset.max_frames=8", "model.preset=tiny",
-        "pretrain.max_epochs=2", "finetune.epochs=1", "eval.step_grid=[0.01,0.05]", "progress=false"]
+        "pretrain.max_epochs=2", "finetune.epochs=1", "eval.step_grid=[0.01,0.05]", "eval.force_control=true", "progress=false"]
 
 
 @pytest.mark.parametrize("dataset", [None, "si_defects", "catalysts", "pure_crystals"])
@@ -47,15 +47,22 @@ def test_tiny_end_to_end_run_and_resume(tmp_path, cli_cache):
     run_dir = tmp_path / "run"
     r = _train(tmp_path, cli_cache, f"hydra.run.dir={run_dir}")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "| BPTT-tuned |" in r.stdout
+    assert "| BPTT-tuned (epoch " in r.stdout and "| oracle forces, constant step" in r.stdout
     res = json.loads((run_dir / "results.json").read_text())
     for key in ("dataset", "model", "n_test", "avg_dq", "constant_step_grid", "reduction_pct", "force_l2", "adwt",
-                "diverged", "skipped", "step_size_final", "wall_s"):
+                "diverged", "skipped", "step_size_final", "wall_s", "basins", "avg_dq_without_diverged", "split",
+                "bptt_selection", "oracle", "force_control", "validation_step_grid"):
         assert key in res, key
-    assert set(res["avg_dq"]) == {"initial", "constant_step", "fire", "bptt"}
+    assert set(res["avg_dq"]) == {"initial", "constant_step", "fire", "bptt", "oracle", "force_control"}
+    assert all(v is not None for v in res["avg_dq"].values())
+    # The oracle row (Tersoff's own forces) and the equal-compute control (force epochs for BPTT's evaluations).
+    assert set(res["oracle"]["grid"]) == {"0.01", "0.05"}
+    assert res["force_control"]["epochs"] >= 1 and res["force_control"]["bptt_structure_frames"] > 0
+    assert res["split"]["test_records"] == 4 and res["split"]["bptt_validation"] == 1
+    assert set(res["basins"]) >= {"threshold_dq", "initial", "constant_step", "bptt", "oracle", "force_control"}
     assert res["n_test"] == 4 and set(res["constant_step_grid"]) == {"0.01", "0.05"}
     assert res["avg_dq"]["constant_step"] == min(res["constant_step_grid"].values())
-    assert set(res["wall_s"]) >= {"data", "pretrain", "baselines", "bptt", "evaluate"}
+    assert set(res["wall_s"]) >= {"data", "pretrain", "baselines", "bptt", "evaluate", "force_control"}
     for name in ("loss_per_epoch.png", "per_structure.png", "config_resolved.yaml", "metrics.csv"):
         assert (run_dir / name).exists(), name
     assert (run_dir / "checkpoints" / "pretrained" / "0").is_dir()
@@ -70,7 +77,8 @@ def test_tiny_end_to_end_run_and_resume(tmp_path, cli_cache):
     assert len(list((cli_cache / "xla").iterdir())) > 10
 
     # Resume with a longer budget: epoch 1 is kept, epoch 2 is added, pretraining is not repeated.
-    r = _train(tmp_path, cli_cache, f"hydra.run.dir={run_dir}", "train.resume=true", "finetune.epochs=2")
+    r = _train(tmp_path, cli_cache, f"hydra.run.dir={run_dir}", "train.resume=true", "finetune.epochs=2",
+               "eval.oracle=false", "eval.force_control=false")
     assert r.returncode == 0, r.stderr[-3000:]
     rows2 = _rows(run_dir)
     bptt_rows = [r for r in rows2 if r["stage"] == "bptt"]
@@ -83,6 +91,7 @@ def test_tiny_end_to_end_run_and_resume(tmp_path, cli_cache):
 def test_multirun_sweep_writes_a_summary(tmp_path, cli_cache):
     sweep = tmp_path / "sweep"
     r = _train(tmp_path, cli_cache, "relax.step_size=0.02,0.05", f"hydra.sweep.dir={sweep}", "eval.fire=false",
+               "eval.oracle=false", "eval.force_control=false",
                "cpu_devices=1", "pretrain.max_epochs=1", "eval.step_grid=[0.05]", multirun=True)
     assert r.returncode == 0, r.stderr[-3000:]
     runs = sorted(p.parent for p in sweep.glob("*/results.json"))
@@ -98,3 +107,23 @@ def test_bad_dataset_path_is_one_line(tmp_path, cli_cache):
     r = _train(tmp_path, cli_cache, f"dataset.path={tmp_path / 'missing'}", f"hydra.run.dir={tmp_path / 'r'}")
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and "missing" in (r.stderr + r.stdout)
+
+
+def test_seed_sweep_summary_has_mean_and_std(tmp_path):
+    from bptt_jax.train import summarize_sweep
+
+    for i, (const, bptt) in enumerate([(6.0, 4.0), (6.2, 4.4), (5.8, 4.2)]):
+        d = tmp_path / str(i)
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text(f"- seed={i}\n")
+        res = {"step_size_initial": 0.01, "step_size_final": 0.012, "bptt_selection": {"kept_epoch": 5},
+               "avg_dq": {"initial": 10.0, "constant_step": const, "fire": None, "oracle": 3.0,
+                          "force_control": const - 0.1, "bptt": bptt},
+               "reduction_pct": 100 * (const - bptt) / const, "basins": {"constant_step": 10, "bptt": 20 + i}}
+        (d / "results.json").write_text(json.dumps(res))
+    table = summarize_sweep(tmp_path)
+    lines = table.splitlines()
+    assert len(lines) == 6 and lines[2].startswith("| seed=0 |") and "| 10/20 |" in lines[2]
+    mean = lines[-1]
+    assert mean.startswith("| mean ± std (3 seeds) |")
+    assert "| 6 ± 0.2 |" in mean and "| 4.2 ± 0.2 |" in mean and "| - |" in mean  # FIRE missing: no statistic

@@ -500,33 +500,39 @@ def _handle(err: DataError, strict: bool, skipped: Optional[SkipLog]) -> None:
         skipped.add(err.kind, str(err))
 
 
-def _iter_files(path, strict: bool, skipped: Optional[SkipLog], fmt: Optional[str]
+def _iter_files(path, strict: bool, skipped: Optional[SkipLog], fmt: Optional[str], placeholders: bool = False
                 ) -> Iterator[tuple[Path, str, Iterator[Trajectory]]]:
-    """(file, format, trajectories) per file; bad records are handled before they reach the caller."""
+    """(file, format, trajectories) per file; bad records are handled before they reach the caller (and,
+    with ``placeholders``, then passed on as their :class:`DataError`)."""
     for file, file_fmt in _plan(Path(path), fmt):
-        yield file, file_fmt, _read_file(file, file_fmt, strict, skipped)
+        yield file, file_fmt, _read_file(file, file_fmt, strict, skipped, placeholders)
 
 
-def _read_file(file: Path, fmt: str, strict: bool, skipped: Optional[SkipLog]) -> Iterator[Trajectory]:
+def _read_file(file: Path, fmt: str, strict: bool, skipped: Optional[SkipLog],
+               placeholders: bool = False) -> Iterator[Trajectory]:
+    def bad(err: DataError):
+        _handle(err, strict, skipped)
+        return [err] if placeholders else []
+
     try:
         for item in _reader(fmt)(file):
             if isinstance(item, DataError):
-                _handle(item, strict, skipped)
+                yield from bad(item)
             else:
                 yield item
     except DataError as err:  # the file cannot be read further
-        _handle(err, strict, skipped)
+        yield from bad(err)
     except OSError as err:
-        _handle(data_error(file, None, f"cannot read ({err.strerror or err})", "io"), strict, skipped)
+        yield from bad(data_error(file, None, f"cannot read ({err.strerror or err})", "io"))
     except MissingDependency:
         raise
     except Exception as err:  # a parser failure outside the readers' own checks: name the file, go on
-        _handle(data_error(file, None, f"cannot parse ({type(err).__name__}: {err})", "malformed"),
-                strict, skipped)
+        yield from bad(data_error(file, None, f"cannot parse ({type(err).__name__}: {err})", "malformed"))
 
 
 def read_trajectories(path, *, strict: bool = False, skipped: Optional[SkipLog] = None,
-                      fmt: Optional[str] = None, limit: Optional[int] = None) -> Iterator[Trajectory]:
+                      fmt: Optional[str] = None, limit: Optional[int] = None,
+                      placeholders: bool = False) -> Iterator[Trajectory]:
     """Stream the trajectories in a file or directory.
 
     Args:
@@ -536,7 +542,10 @@ def read_trajectories(path, *, strict: bool = False, skipped: Optional[SkipLog] 
       skipped: where skipped records are counted (reason kind → count, first messages).
       fmt: force a reader: one of ``ase``, ``mptrj``, ``oc20_lmdb``, ``s2ef``, ``asedb``. For a
         directory, only the files of that format are read.
-      limit: stop after this many trajectories.
+      limit: stop after this many trajectories (records, with ``placeholders``).
+      placeholders: also yield each skipped record's :class:`DataError` (after counting it) in its place,
+        so that a caller can take "the first n records" before anything is filtered (the paper's test
+        split: 96 usable of the first 100). A file that cannot be read at all is one such record.
 
     Yields:
       :class:`Trajectory` records (positions Å, energies eV, forces eV/Å), in file order.
@@ -549,7 +558,7 @@ def read_trajectories(path, *, strict: bool = False, skipped: Optional[SkipLog] 
     if limit is not None and limit <= 0:
         return
     count = 0
-    for _, _, trajs in _iter_files(path, strict, skipped, fmt):
+    for _, _, trajs in _iter_files(path, strict, skipped, fmt, placeholders):
         for traj in trajs:
             yield traj
             count += 1

@@ -9,9 +9,11 @@ For a structure X with predicted forces F::
     h1 = LN(h0 + MLP(h0))
     s = W h1 + b                         one step size per structure
 
-The output layer starts with zero weights and bias ``init_step`` (``output="softplus"``: its inverse), so
-the head initially returns exactly ``init_step``: the paper's "constant-output initialisation", which it
-obtains by pretraining on noise, reached here analytically.
+The output layer starts with zero weights and bias ``init_step`` (``output="exp"``: its logarithm,
+``"softplus"``: its softplus inverse), so the head initially returns exactly ``init_step``: the paper's
+"constant-output initialisation", which it obtains by pretraining on noise, reached here analytically.
+``"linear"`` is the paper's head; ``"exp"`` (what :class:`~bptt_jax.bptt.BPTT` uses) keeps every step size
+positive however training moves the head, and its parameters move η by relative amounts.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ class StepHead(nn.Module):
     dropout: float = 0.0
     act: str = "gelu"
     init_step: float = 0.077
-    output: str = "linear"  # or "softplus" (always positive)
+    output: str = "linear"  # the paper's; "exp" or "softplus": always positive
     force_scale: float = 1.0  # multiplies forces (eV/Å) before they enter Z
 
     @nn.compact
@@ -65,8 +67,12 @@ class StepHead(nn.Module):
             bias = self.init_step
         elif self.output == "softplus":
             bias = float(np.log(np.expm1(self.init_step)))
+        elif self.output == "exp":
+            bias = float(np.log(self.init_step))
         else:
-            raise ValueError(f"unknown output {self.output!r}; expected linear or softplus")
+            raise ValueError(f"unknown output {self.output!r}; expected linear, exp or softplus")
         s = nn.Dense(1, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.constant(bias),
                      name="out")(h1)[:, 0, 0]
-        return nn.softplus(s) if self.output == "softplus" else s
+        if self.output == "softplus":
+            return nn.softplus(s)
+        return jnp.exp(s) if self.output == "exp" else s

@@ -1,0 +1,142 @@
+"""The pipeline's data split, model-size buckets, pretraining stop rule and BPTT's best-epoch selection."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ase.io import write
+from hydra import compose, initialize_config_dir
+
+from bptt_jax.data.generate import make_params
+from bptt_jax.data.trajectory import SkipLog
+from bptt_jax.models import build_model
+from bptt_jax.pipeline import (DataConfig, EvalConfig, FinetuneConfig, ModelConfig, PretrainConfig, RunConfig,
+                               load_split, model_buckets, run_pipeline)
+from bptt_jax.relax import RelaxConfig
+from bptt_jax.train import config_from_hydra
+from conftest import rattled_si
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write_dir(tmp_path, lengths, atoms=None):
+    """One extxyz file per record, named so that they sort in order; ``lengths`` frames each (a length-1
+    record is unusable: too short)."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    d = tmp_path / "trajs"
+    d.mkdir()
+    for i, n in enumerate(lengths):
+        start, target = rattled_si(repeat=atoms[i] if atoms else (1, 1, 1), seed=i)
+        frames = []
+        for k in range(n):
+            a = start.to_atoms()
+            a.positions = start.positions + (target - start.positions) * k / max(n - 1, 1)
+            a.calc = SinglePointCalculator(a, energy=0.0, forces=np.zeros((len(a), 3)))
+            frames.append(a)
+        write(d / f"r{i:03d}.extxyz", frames, format="extxyz")
+    return d
+
+
+def test_test_split_is_the_first_records_before_filtering(tmp_path):
+    # Records 1 and 3 are too short: the test split is 2 usable of the first 4 records, not the first 4 usable.
+    d = _write_dir(tmp_path, [4, 1, 4, 1, 4, 4, 4, 1, 4])
+    skipped = SkipLog()
+    parts = load_split(DataConfig(path=str(d), n_test=4), skipped, progress=False)
+    assert (parts.test_records, len(parts.test)) == (4, 2)
+    assert [Path(t.source).name.split(".")[0][:4] for t in parts.test] == ["r000", "r002"]
+    assert (parts.train_records, len(parts.train)) == (5, 4)
+    assert skipped.counts["too_short"] == 3
+    assert "2 usable of the first 4 records" in parts.describe()
+
+
+def test_dataset_n_limits_a_path(tmp_path):
+    d = _write_dir(tmp_path, [4] * 9)
+    parts = load_split(DataConfig(path=str(d), n=6, n_test=2), SkipLog(), progress=False)
+    assert (parts.test_records, parts.train_records) == (2, 4)
+    assert [Path(t.source).name[:4] for t in parts.train] == ["r002", "r003", "r004", "r005"]
+
+
+def test_structures_larger_than_the_model_are_skipped_with_one_line(tmp_path):
+    d = _write_dir(tmp_path, [4, 4, 4], atoms=[(1, 1, 1), (3, 2, 2), (1, 1, 1)])  # 2, 24, 2 atoms
+    skipped = SkipLog()
+    parts = load_split(DataConfig(path=str(d), n_test=1), skipped, progress=False, max_atoms=16)
+    assert len(parts.train) == 1 and skipped.counts["too_large"] == 1
+    (msg,) = [m for m in skipped.messages if "max_atoms" in m]
+    assert "r001" in msg and "24 atoms" in msg and "\n" not in msg
+    with pytest.raises(ValueError, match="r001.*24 atoms"):
+        load_split(DataConfig(path=str(d), n_test=1, strict=True), SkipLog(), progress=False, max_atoms=16)
+
+
+def test_resmlp_buckets_stop_at_its_atom_limit():
+    model = build_model("resmlp", "paper")
+    buckets = model_buckets((8, 16, 64, 192, 224, 256), model.max_atoms)
+    assert buckets == (8, 16, 64, 192, 220)
+    from bptt_jax.structures import bucket_size
+    assert bucket_size(216, buckets) == 220  # 216-site Si cells fit the paper's ResMLP
+    assert model_buckets((8, 16), None) == (8, 16)
+
+
+@pytest.mark.parametrize("dataset,preset,n", [("si_defects", "large", 1500), ("si_defects", "default", 240),
+                                              ("catalysts", "default", None), (None, "large", 1500)])
+def test_preset_decides_the_size(dataset, preset, n):
+    overrides = ([f"+dataset={dataset}"] if dataset else []) + [f"dataset.preset={preset}"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides)
+    run = config_from_hydra(cfg, "/tmp/x")
+    assert run.data.n is None  # nothing overrides the preset
+    expected = n if n is not None else make_params(run.data.name, preset).n
+    assert make_params(run.data.name, run.data.preset).n == expected
+
+
+def _tiny_run(tmp_path, cache, **finetune):
+    data = DataConfig(name="si_defects", preset="tiny", n=10, n_test=4, max_frames=8, workers=1,
+                      cache_dir=str(cache / "data"))
+    return RunConfig(
+        data=data, model=ModelConfig(preset="tiny"), relax=RelaxConfig(max_frames=8),
+        pretrain=PretrainConfig(max_epochs=2, schedule="cosine", patience=None),
+        finetune=FinetuneConfig(epochs=2, **finetune),
+        eval=EvalConfig(step_grid=(0.01, 0.05), fire=False, oracle=False, force_control=False),
+        run_dir=str(tmp_path / "run"), progress=False, plots=False)
+
+
+def test_fine_tuning_that_gets_worse_keeps_the_starting_model(tmp_path, cli_cache):
+    # Gradient *ascent* (a negative rate) makes every epoch worse, on validation too: epoch 0 is delivered.
+    res = run_pipeline(_tiny_run(tmp_path, cli_cache, learning_rate=-0.01, step_learning_rate=-0.1))
+    sel = res["bptt_selection"]
+    assert len(sel["val_loss"]) == 3 and all(v > sel["val_loss"][0] for v in sel["val_loss"][1:]), sel
+    assert sel["kept_epoch"] == 0
+    # The delivered model is the pretrained one at the validation split's best constant step.
+    eta0 = res["step_size_initial"]
+    assert eta0 == float(min(res["validation_step_grid"], key=res["validation_step_grid"].get))
+    assert res["avg_dq"]["bptt"] == pytest.approx(res["constant_step_grid"][str(eta0)], rel=1e-6)
+    assert res["step_size_final"] == pytest.approx(eta0)
+    assert (res["n_train"], res["n_val"], res["n_test"]) == (5, 1, 4)
+    rows = json.loads((Path(tmp_path) / "run" / "results.json").read_text())["bptt_selection"]
+    assert rows == json.loads(json.dumps(sel))
+
+
+def test_fine_tuning_keeps_the_best_validation_epoch(tmp_path, cli_cache):
+    res = run_pipeline(_tiny_run(tmp_path, cli_cache, learning_rate=1e-3))
+    sel = res["bptt_selection"]
+    assert sel["kept_epoch"] == int(np.argmin(sel["val_loss"]))
+    assert res["pretrain_stop"] == "max_epochs" and res["pretrain_epochs"] == 2
+
+
+def test_pretraining_stops_on_a_plateau_not_the_clock(tmp_path, cli_cache):
+    from bptt_jax.pipeline import force_items, pretrain
+    cfg = _tiny_run(tmp_path, cli_cache)
+    parts = load_split(cfg.data, SkipLog(), progress=False)
+    frames = force_items(parts.train, 1)
+    model = build_model("adapt", "tiny")
+    import jax
+    from bptt_jax.structures import Batch
+    params = model.init(jax.random.PRNGKey(0), Batch.from_structures(frames[:2]))
+    # min_delta so large that no epoch counts as an improvement: stops after `patience` epochs, whatever the time.
+    pcfg = dataclasses.replace(cfg.pretrain, max_epochs=10, patience=2, min_delta=0.99, schedule="plateau")
+    _, history = pretrain(model, params, frames, pcfg, cfg.data.buckets, 0, progress=False)
+    assert len(history) == 3 and history[-1]["stop"] == "plateau"
+    with pytest.raises(ValueError, match="schedule"):
+        PretrainConfig(schedule="linear")
