@@ -262,7 +262,7 @@ def test_two_process_pipeline_writes_one_run_directory(tmp_path):
     port, run_dir = _free_port(), tmp_path / "run"
     # the tiny run, trimmed to what this test checks (one constant step, no FIRE baseline, one pretrain epoch)
     mine = {"dataset.n": "12", "finetune.batch_size": "4", "plots": "false", "eval.step_grid": "[0.01]",
-            "eval.fire": "false", "pretrain.max_epochs": "1"}
+            "eval.fire": "false", "pretrain.max_epochs": "1", "eval.oracle": "false", "eval.force_control": "false"}
     tiny = [o for o in TINY if o.split("=")[0] not in mine] + [f"{k}={v}" for k, v in mine.items()]
     cmds = [[sys.executable, "-m", "bptt_jax.train", f"dataset.cache_dir={tmp_path / 'data'}", *tiny,
              f"hydra.run.dir={run_dir}",
