@@ -56,6 +56,8 @@ class DistributedConfig:
       cpu_collectives: cross-process collectives of the CPU backend, ``"gloo"`` (TCP, no extra
         dependency) or ``"mpi"``; None leaves JAX's default. Ignored by GPU/TPU backends.
       initialization_timeout: seconds to wait for every process to connect.
+      barrier_timeout: seconds a process waits at a host-side barrier (:func:`sync`) for the others, e.g.
+        while process 0 alone generates a missing data set.
     """
 
     enabled: bool = False
@@ -65,6 +67,7 @@ class DistributedConfig:
     local_device_ids: Optional[Sequence[int]] = None
     cpu_collectives: Optional[str] = "gloo"
     initialization_timeout: int = 300
+    barrier_timeout: int = 3600
 
     def __post_init__(self):
         if self.cpu_collectives not in (None, "gloo", "mpi"):
@@ -87,6 +90,8 @@ def initialize(cfg: DistributedConfig) -> bool:
         # Read when the CPU backend is created, i.e. after initialize(); without it a multi-process CPU
         # computation has no cross-process collectives.
         jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
+    global _barrier_timeout_s
+    _barrier_timeout_s = int(cfg.barrier_timeout)
     jax.distributed.initialize(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
                                process_id=cfg.process_id, local_device_ids=cfg.local_device_ids,
                                initialization_timeout=cfg.initialization_timeout)
@@ -205,12 +210,20 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
-def sync(name: str) -> None:
-    """Barrier across all processes of a multi-host run (a no-op with one process)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+_barrier_timeout_s = DistributedConfig.barrier_timeout
 
-        multihost_utils.sync_global_devices(name)
+
+def sync(name: str) -> None:
+    """Barrier across all processes of a multi-host run (a no-op with one process); ``name`` is used once.
+
+    A host-side barrier of the coordination service with a timeout of ``distributed.barrier_timeout``, not a
+    device collective: a CPU (gloo) collective gives up after its connect timeout (tens of seconds), far too
+    soon for a process that waits while process 0 alone generates the data set.
+    """
+    if jax.process_count() > 1:
+        from orbax.checkpoint import multihost
+
+        multihost.get_barrier_sync_fn()(key=f"bptt_jax:{name}", timeout_ms=1000 * _barrier_timeout_s)
 
 
 def unreplicate(tree: Any) -> Any:

@@ -229,9 +229,34 @@ def _run_processes(cmds, tmp_path, timeout=300, **popen):
         f.seek(0)
         outs.append(f.read())
         f.close()
-    for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-4000:]
+    failed = [f"process {i} exited {p.returncode}:\n{out[-3000:]}" for i, (p, out) in enumerate(zip(procs, outs))
+              if p.returncode != 0]
+    assert not failed, "\n".join(failed)
     return outs
+
+
+BARRIER = """import sys, time
+from bptt_jax import parallel
+pid, port = int(sys.argv[1]), int(sys.argv[2])
+parallel.initialize(parallel.DistributedConfig(enabled=True, coordinator_address=f"localhost:{port}",
+                                               num_processes=2, process_id=pid, barrier_timeout=300))
+if pid == 0:
+    time.sleep(40)  # e.g. process 0 alone generating the data set
+parallel.sync("data generated")
+print("PASSED", pid, flush=True)
+"""
+
+
+def test_barrier_waits_longer_than_a_cpu_collective_would(tmp_path):
+    """parallel.sync is a coordination-service barrier with distributed.barrier_timeout: a process waits at it
+    while process 0 works alone for 40 s. (A device collective, as multihost_utils.sync_global_devices, gives up
+    after gloo's 30 s connect timeout: CI saw the two-process run fail that way while process 0 made the data.)"""
+    if not _cpu_collectives_available():
+        pytest.skip("this jaxlib has no gloo CPU collectives")
+    port, script = _free_port(), tmp_path / "barrier.py"
+    script.write_text(BARRIER)
+    outs = _run_processes([[sys.executable, str(script), str(i), str(port)] for i in range(2)], tmp_path, timeout=240)
+    assert [f"PASSED {i}" in out for i, out in enumerate(outs)] == [True, True]
 
 
 def test_two_processes_complete_a_training_step(tmp_path):
