@@ -24,6 +24,17 @@ def cli_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("cli_cache")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def xla_cache(cli_cache):
+    """The test process compiles into the same persistent cache as the CLI runs (one per pytest-xdist worker,
+    so no two processes write one directory at once): the in-process pipeline runs and the many tests that
+    build the same tiny models then load programs an earlier test compiled. In-memory jit caches, which the
+    recompilation tests count, are not affected."""
+    from bptt_jax.runtime import enable_compile_cache
+
+    return enable_compile_cache(cli_cache / "xla", min_compile_s=0.5)
+
+
 @pytest.fixture
 def si_pairs():
     """Three Si structures of different sizes (2, 8 and 7 atoms) with targets."""
@@ -54,3 +65,10 @@ def set_leaf(tree, path, index, value):
     parent = get_leaf(tree, path[:-1])
     parent[path[-1]] = parent[path[-1]].at[index].set(value)
     return tree
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests marked ``slow`` (each a minute or more: subprocess and whole-pipeline runs) go first, so that
+    under ``make test``'s two xdist workers the short tests fill in around them instead of one long test
+    running alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -99,6 +99,7 @@ def test_proximal_term_anchors_parameters(si_pairs):
     assert distances[100.0] < 0.5 * distances[0.0]
 
 
+@pytest.mark.slow
 def test_network_step_head_trains(si_pairs):
     batch = _batch(si_pairs)
     bptt = BPTT(build_model("adapt", "tiny"), RelaxConfig(step_size=0.05, step_mode="network", max_frames=5),

@@ -1,12 +1,15 @@
-"""The gradient-mode study (experiments/grad_modes.py): one real cost measurement, and the report."""
+"""The experiments: the gradient-mode study (one real cost measurement, and the report), the seed-study
+headline and the FIRE divergence diagnosis."""
 
 import json
 
+import numpy as np
 import pytest
 
 from experiments import grad_modes
 
 
+@pytest.mark.slow
 def test_cost_child_runs_the_stated_frames():
     # A real (small) measurement: 64-atom cells, 3 frames, one structure. The row must say what ran.
     row = grad_modes.cost_child("truncated", frames=3, atoms=64, batch=1, repeats=1)
@@ -122,3 +125,56 @@ def test_headline_report_gives_mean_and_std_over_seeds(tmp_path):
     assert "| best constant step (test grid) | 6.500 ± 0.500 | 6.000 / 7.000 / 6.500 |" in text
     assert "| BPTT-tuned | 4.500 ± 0.500 |" in text
     assert "| 0 | 16 | 6.000 | 32 | 5.880 | -2.0% |" in text
+
+
+def test_fire_divergence_classifies_what_moved():
+    from experiments.fire_divergence import classify, net_force
+
+    rng = np.random.default_rng(0)
+    start = rng.normal(size=(6, 3)) * 3
+    free = np.array([False, True, True, True, True, True])
+    ads = np.array([False, False, False, False, True, True])
+    slid = start.copy()
+    slid[1:4] += [4.0, 1.0, 0.0]  # the free metal atoms slide together
+    assert classify(start, slid, free, ads)["kind"] == "slab translation"
+    left = start.copy()
+    left[4:] += [0.0, 0.0, 12.0]  # the adsorbate flies off
+    out = classify(start, left, free, ads)
+    assert out["kind"] == "adsorbate" and out["adsorbate_share"] == pytest.approx(1.0)
+    shaken = start.copy()
+    shaken[1:4] += rng.normal(size=(3, 3))
+    shaken[1:4] -= shaken[1:4].mean(0) - start[1:4].mean(0)  # no net shift of the slab
+    assert classify(start, shaken, free, ads)["kind"] == "slab distortion"
+    F = np.zeros((6, 3))
+    F[1:] = [1.0, 0.0, 0.0]
+    assert net_force(F, free) == pytest.approx(1.0)
+    F[0] = [-50.0, 0.0, 0.0]  # a fixed atom's force does not count
+    assert net_force(F, free) == pytest.approx(1.0)
+
+
+def test_exact_fire_follows_the_stop_rule_and_flags_divergence():
+    from ase.calculators.calculator import Calculator, all_changes
+    from ase.calculators.emt import EMT
+    from ase.build import fcc111
+
+    from bptt_jax.structures import Structure
+    from experiments.fire_divergence import exact_fire
+
+    slab = fcc111("Cu", (2, 2, 3), vacuum=6.0)
+    fixed = slab.positions[:, 2] < slab.positions[:, 2].min() + 0.5
+    slab.positions[~fixed] += np.random.default_rng(1).normal(0, 0.1, (int((~fixed).sum()), 3))
+    s = Structure.from_atoms(slab)
+    s = Structure(s.positions, s.numbers, s.cell, s.pbc, fixed=fixed)
+    r = exact_fire(s, EMT(), max_frames=200, tol=1e-3, diverge_distance=5.0)
+    assert r["converged"] and not r["diverged"] and 1 < r["frames"] < 200
+    assert np.allclose(r["positions"][fixed], s.positions[fixed])
+
+    class Push(Calculator):  # a constant force: FIRE accelerates without bound
+        implemented_properties = ["forces", "energy"]
+
+        def calculate(self, atoms=None, properties=("forces",), system_changes=all_changes):
+            super().calculate(atoms, properties, system_changes)
+            self.results = {"forces": np.tile([1.0, 0.0, 0.0], (len(atoms), 1)), "energy": 0.0}
+
+    r = exact_fire(s, Push(), max_frames=200, tol=1e-3, diverge_distance=5.0)
+    assert r["diverged"] and not r["converged"] and r["frames"] < 200

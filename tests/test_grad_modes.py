@@ -258,6 +258,7 @@ def test_relax_config_rejects_unknown_grad_mode():
         RelaxConfig(adjoint_solver="cg")
 
 
+@pytest.mark.slow
 def test_fit_step_scans_only_the_frames_needed(si_pairs):
     """An adaptive-length step (early-exit probe, then a scan of the rounded-up length) takes the same step
     as the full-length scan when the batch converges early."""

@@ -129,6 +129,7 @@ def test_invariance_and_periodicity():
         np.testing.assert_allclose(np.asarray(apply(variables, rotated))[0], f0 @ q.T, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bptt_double_backprop(si_pairs):
     relax = RelaxConfig(max_frames=5, step_mode="learned", step_size=0.01, tol=0.0)
     batch = _batch(si_pairs, batch_size=4)

@@ -101,6 +101,7 @@ def test_forces_vanish_for_isolated_atoms():
     np.testing.assert_allclose(f, 0.0, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_finite_gradients_wrt_positions_with_padding(si_pairs):
     model = _model(output_transform="expm1")
     batch = Batch.from_structures([s for s, _ in si_pairs], batch_size=4, n_atoms=16)

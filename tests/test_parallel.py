@@ -169,6 +169,7 @@ print("OK", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_sharded_train_step_matches_one_device():
     r = subprocess.run([sys.executable, "-c", TWO_DEVICES], capture_output=True, text=True, cwd=TESTS,
                        env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=2"), timeout=600)
@@ -247,6 +248,7 @@ print("PASSED", pid, flush=True)
 """
 
 
+@pytest.mark.slow
 def test_barrier_waits_longer_than_a_cpu_collective_would(tmp_path):
     """parallel.sync is a coordination-service barrier with distributed.barrier_timeout: a process waits at it
     while process 0 works alone for 40 s. (A device collective, as multihost_utils.sync_global_devices, gives up
@@ -259,6 +261,7 @@ def test_barrier_waits_longer_than_a_cpu_collective_would(tmp_path):
     assert [f"PASSED {i}" in out for i, out in enumerate(outs)] == [True, True]
 
 
+@pytest.mark.slow
 def test_two_processes_complete_a_training_step(tmp_path):
     if not _cpu_collectives_available():
         pytest.skip("this jaxlib has no gloo CPU collectives (cross-process CPU computations impossible)")
@@ -273,6 +276,7 @@ def test_two_processes_complete_a_training_step(tmp_path):
     assert results[0][4] == results[1][4] and float(results[0][4]) != 0.05
 
 
+@pytest.mark.slow
 def test_two_process_pipeline_writes_one_run_directory(tmp_path):
     """The CLI run as two jax.distributed processes sharing one run directory and data cache: both finish,
     process 0 alone writes results, metrics and checkpoints, and the checkpoints restore."""

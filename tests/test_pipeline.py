@@ -102,6 +102,7 @@ def _tiny_run(tmp_path, cache, **finetune):
         run_dir=str(tmp_path / "run"), progress=False, plots=False)
 
 
+@pytest.mark.slow
 def test_fine_tuning_that_gets_worse_keeps_the_starting_model(tmp_path, cli_cache):
     # Gradient *ascent* (a negative rate) makes every epoch worse, on validation too: epoch 0 is delivered.
     res = run_pipeline(_tiny_run(tmp_path, cli_cache, learning_rate=-0.01, step_learning_rate=-0.1))
@@ -118,11 +119,22 @@ def test_fine_tuning_that_gets_worse_keeps_the_starting_model(tmp_path, cli_cach
     assert rows == json.loads(json.dumps(sel))
 
 
+@pytest.mark.slow
 def test_fine_tuning_keeps_the_best_validation_epoch(tmp_path, cli_cache):
-    res = run_pipeline(_tiny_run(tmp_path, cli_cache, learning_rate=1e-3))
+    cfg = _tiny_run(tmp_path, cli_cache, learning_rate=1e-3)
+    res = run_pipeline(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, fire=True)))
     sel = res["bptt_selection"]
     assert sel["kept_epoch"] == int(np.argmin(sel["val_loss"]))
     assert res["pretrain_stop"] == "max_epochs" and res["pretrain_epochs"] == 2
+    # experiments.fire_divergence on this run: its FIRE with the pretrained model is the pipeline's FIRE
+    # baseline, and it relaxes the same structures with the generating potential (Tersoff) too.
+    from experiments.fire_divergence import analyse, report
+    diag = analyse(Path(cfg.run_dir))
+    assert diag["n"] == res["n_test"] == len(diag["exact"])
+    assert np.mean([r["loss"] for r in diag["model"]]) == pytest.approx(res["avg_dq"]["fire"], rel=1e-5)
+    assert all(0 < r["frames"] <= 8 for r in diag["exact"])
+    text = report(diag, "cmd", 1.0)
+    assert "| exact (generating potential) |" in text and f"({res['n_test']} test structures)" in text
 
 
 def test_pretraining_stops_on_a_plateau_not_the_clock(tmp_path, cli_cache):

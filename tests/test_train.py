@@ -43,6 +43,7 @@ def _rows(run_dir):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_tiny_end_to_end_run_and_resume(tmp_path, cli_cache):
     run_dir = tmp_path / "run"
     r = _train(tmp_path, cli_cache, f"hydra.run.dir={run_dir}")
@@ -88,6 +89,7 @@ def test_tiny_end_to_end_run_and_resume(tmp_path, cli_cache):
     assert (run_dir / "checkpoints" / "bptt" / "2").is_dir()
 
 
+@pytest.mark.slow
 def test_multirun_sweep_writes_a_summary(tmp_path, cli_cache):
     sweep = tmp_path / "sweep"
     r = _train(tmp_path, cli_cache, "relax.step_size=0.02,0.05", f"hydra.sweep.dir={sweep}", "eval.fire=false",
