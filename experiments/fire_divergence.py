@@ -12,8 +12,9 @@ that diverges (RMS drift of the free atoms beyond ``relax.diverge_distance``) it
   carries most of their squared drift (a rigid translation over the fixed layers);
 - ``slab distortion``: the rest.
 
-and compares the net force on the free atoms at the start (|Σ F| per free atom: exact forces on a slab have a
-small one, from the fixed layers only) between the model and the reference (first frame's forces).
+and, for every relaxation, how far the atoms went (RMS drift, largest single-atom shift) and what carried the
+drift, with each force source; and compares the net force on the free atoms at the start (|Σ F| per free
+atom; on a slab the fixed layers take up the rest) between the model and the reference (first frame's forces).
 """
 
 from __future__ import annotations
@@ -178,7 +179,17 @@ def report(res: dict, command: str, seconds: float) -> str:
         conv = sum(r["converged"] for r in rs)
         lines.append(f"| {name} | {_avg([r['loss'] for r in rs])} | {_avg([r['loss'] for r in rs], keep)} | "
                      f"{sum(not k for k in keep)} | {conv} |")
-    lines += ["", f"Unrelaxed: {np.mean(res['unrelaxed']):.3f}.", ""]
+    lines += ["", f"Unrelaxed: {np.mean(res['unrelaxed']):.3f}.", "",
+              "How far the atoms went, every relaxation:", "",
+              "| forces | median RMS drift Å | median largest atom shift Å | an atom moved > 3 Å | "
+              "drift mostly on the adsorbate | loss > 2× the reference FIRE's |", "|---|---|---|---|---|---|"]
+    for name, rs in rows:
+        w = [r["what_moved"] for r in rs]
+        worse = (sum(r["loss"] > 2 * e["loss"] for r, e in zip(rs, exact)) if exact else "-")
+        lines.append(f"| {name} | {np.median([x['rms_drift'] for x in w]):.2f} | "
+                     f"{np.median([x['max_atom_shift'] for x in w]):.2f} | {sum(x['max_atom_shift'] > 3 for x in w)} | "
+                     f"{sum(x['kind'] == 'adsorbate' for x in w)} | {worse} |")
+    lines.append("")
     for name, rs in rows:
         div = [r for r in rs if r["diverged"]]
         if not div:

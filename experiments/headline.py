@@ -83,7 +83,7 @@ def report(runs: list[dict], doubled: list[dict], command: str) -> str:
     red_ctrl = _col(runs, lambda r: r["reduction_vs_force_control_pct"])
     red_fire = _col(runs, lambda r: r["reduction_vs_fire_pct"])
     walls = [sum(r["wall_s"].values()) for r in runs]
-    out = [f"# {r0['dataset']} × {r0['model']}: seed study ({len(runs)} seeds)", "",
+    out = [f"# {r0['dataset']} × {r0['model']}: seed study ({len(runs)} seed{'s' if len(runs) != 1 else ''})", "",
            f"Command: `{command}`" if command else "", "",
            f"Machine: {cpu_name()}; written "
            f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Wall time per run: "
