@@ -535,7 +535,7 @@ def run_oracle(cfg: "RunConfig", test_items: list[tuple[Structure, np.ndarray]],
         return None
     settings = {"step_grid": [float(e) for e in cfg.eval.step_grid], "tol": cfg.relax.tol,
                 "max_frames": cfg.data.max_frames, "diverge_distance": cfg.relax.diverge_distance,
-                "loss": cfg.data.loss, "basin_dq": cfg.eval.basin_dq, "test": list(test_ids),
+                "loss": cfg.data.loss, "basin_dq": cfg.eval.basin_dq, "basins_by": "dq", "test": list(test_ids),
                 "positions": hashlib.sha256(b"".join(np.ascontiguousarray(s.positions, np.float64).tobytes()
                                                      for s, _ in test_items)).hexdigest()}
     cache = generated_dir(cfg.data) / "oracle" / (
@@ -550,7 +550,9 @@ def run_oracle(cfg: "RunConfig", test_items: list[tuple[Structure, np.ndarray]],
                               diverge_distance=cfg.relax.diverge_distance, workers=cfg.data.workers,
                               progress=cfg.progress)
     best = oracle.best_row(rows)
-    dq = best.per_structure if cfg.data.loss == "dq" else None
+    # The basin count is by Dq whatever the loss (as the other rows'), so an MSE run gets one too.
+    dq = best.per_structure if cfg.data.loss == "dq" else oracle.structure_losses(
+        "dq", [s for s, _ in test_items], [x for _, x in test_items], best.positions)
     out = {"step_size": best.step_size, **summarize(best.per_structure, dq, best.diverged_mask, cfg.eval.basin_dq),
            "frames": float(np.mean(best.frames)), "converged": int(np.sum(best.converged)),
            "grid": {str(r.step_size): r.avg for r in rows}, "per_structure": best.per_structure.tolist(),
@@ -750,7 +752,7 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
                          OptimConfig(loss=loss_kind))
         fire_res = evaluate_relaxation(fire_eval, {"model": model_params}, test_batches, len(test_items), eval_mesh)
     initial = initial_loss(test_batches, len(test_items), loss_kind)
-    initial_dq = initial_loss(test_batches, len(test_items), "dq")
+    initial_dq = initial if loss_kind == "dq" else initial_loss(test_batches, len(test_items), "dq")
     # BPTT starts from the best constant step on the validation split (not the test split's).
     val_grid = step_grid(model_params, val_batches, len(val_items), "validation grid") if val_items else {}
     val_eta = min(val_grid, key=lambda e: val_grid[e].avg) if val_grid else best_eta

@@ -67,6 +67,17 @@ def table(runs: list[dict]) -> list[str]:
     return lines
 
 
+def _per_structure(run: dict) -> str:
+    """Median per-structure loss of the best constant step → BPTT, and on how many structures BPTT is lower:
+    the mean can be dominated by a few structures that no method relaxes (e.g. a reference that changes phase)."""
+    try:
+        c, b = run["per_structure"]["constant_step"], run["per_structure"]["bptt"]
+    except (KeyError, TypeError):
+        return "-"
+    better = sum(x < y for x, y in zip(b, c))
+    return f"{statistics.median(c):.4g} → {statistics.median(b):.4g}, {better} of {len(b)}"
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -97,6 +108,8 @@ def report(runs: list[dict], doubled: list[dict], command: str) -> str:
             + " / ".join(f"{v:.1f}" for v in red if v is not None) + ")",
             f"- Reduction vs the equal-compute force-training control: {mean_std(red_ctrl)} %",
             f"- Reduction vs FIRE: {mean_std(red_fire)} %",
+            "- Per structure, BPTT vs the best constant step (median loss; structures improved): " + "; ".join(
+                _per_structure(r) for r in runs),
             "- Epoch delivered (validation): " + " / ".join(str(r["bptt_selection"]["kept_epoch"]) for r in runs),
             "- Validation Avg per epoch: " + "; ".join(
                 ", ".join(f"{v:.3f}" for v in r["bptt_selection"]["val_loss"]) for r in runs),
