@@ -545,14 +545,15 @@ def run_oracle(cfg: "RunConfig", test_items: list[tuple[Structure, np.ndarray]],
         return json.loads(cache.read_text())
     t = time.time()
     factory = oracle.oracle_calculator_for(generated_dir(cfg.data))
-    rows = oracle.oracle_rows([s for s, _ in test_items], [x for _, x in test_items], factory, cfg.eval.step_grid,
+    structures, targets = [s for s, _ in test_items], [x for _, x in test_items]
+    rows = oracle.oracle_rows(structures, targets, factory, cfg.eval.step_grid,
                               loss=cfg.data.loss, tol=cfg.relax.tol, max_frames=cfg.data.max_frames,
                               diverge_distance=cfg.relax.diverge_distance, workers=cfg.data.workers,
                               progress=cfg.progress)
     best = oracle.best_row(rows)
     # The basin count is by Dq whatever the loss (as the other rows'), so an MSE run gets one too.
-    dq = best.per_structure if cfg.data.loss == "dq" else oracle.structure_losses(
-        "dq", [s for s, _ in test_items], [x for _, x in test_items], best.positions)
+    dq = best.per_structure if cfg.data.loss == "dq" else oracle.structure_losses("dq", structures, targets,
+                                                                                  best.positions)
     out = {"step_size": best.step_size, **summarize(best.per_structure, dq, best.diverged_mask, cfg.eval.basin_dq),
            "frames": float(np.mean(best.frames)), "converged": int(np.sum(best.converged)),
            "grid": {str(r.step_size): r.avg for r in rows}, "per_structure": best.per_structure.tolist(),
