@@ -28,6 +28,7 @@ from bptt_jax.bptt import BPTT, OptimConfig
 from bptt_jax.data.trajectory import DataError, SkipLog, Trajectory, filter_usable
 from bptt_jax.losses import force_l2, force_mse, masked_mean, structure_loss
 from bptt_jax.models import build_model
+from bptt_jax.models.resmlp import fit_input_stats
 from bptt_jax.relax import RelaxConfig
 from bptt_jax.structures import DEFAULT_BUCKETS, Batch, Structure, bucket_size, displacement
 
@@ -715,6 +716,8 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     else:
         if not frames:
             raise ValueError("no frames with forces to pretrain on; set model.init_from")
+        # ResMLP with input_norm: standardize its inputs with the training frames' statistics (no-op otherwise).
+        model_params = fit_input_stats(model, model_params, force_batches(frames, cfg.pretrain.batch_size, buckets))
         model_params, pretrain_history = pretrain(model, model_params, frames, cfg.pretrain, buckets, cfg.seed,
                                                   cfg.progress)
         save_checkpoint(pre_dir, 0, model_params, {"history": pretrain_history})

@@ -1,5 +1,5 @@
 """The experiments: the gradient-mode study (one real cost measurement, and the report), the seed-study
-headline and the FIRE divergence diagnosis."""
+headline, the FIRE divergence diagnosis and the ResMLP pretraining study."""
 
 import json
 
@@ -181,3 +181,19 @@ def test_exact_fire_follows_the_stop_rule_and_flags_divergence():
 
     r = exact_fire(s, Push(), max_frames=200, tol=1e-3, diverge_distance=5.0)
     assert r["diverged"] and not r["converged"] and r["frames"] < 200
+
+
+def test_resmlp_pretrain_study_runs_and_reports(tmp_path):
+    from experiments.resmlp_pretrain import report, study
+
+    variants = [("plain", {}, {"max_epochs": 2}), ("input_norm", {"input_norm": True, "coords": "periodic"},
+                                                   {"max_epochs": 2})]
+    rows = study("si_defects", variants, memorise_epochs=2,
+                 data_overrides={"preset": "tiny", "n_test": 2, "cache_dir": str(tmp_path), "workers": 1})
+    assert [r["variant"] for r in rows] == ["plain", "input_norm"]
+    for r in rows:
+        assert r["epochs"] == 2 and r["zero_mse"] > 0 and r["n_frames"] > 0
+        assert all(np.isfinite(r[k]) for k in ("train_mse", "best_val_mse", "test_mse", "memorise_mse"))
+    assert rows[0]["test_mse"] != rows[1]["test_mse"]  # the option reaches the model
+    text = report(rows, "si_defects", "cmd", 1.0)
+    assert "| plain |" in text and "| input_norm |" in text and "2 epochs" in text

@@ -95,6 +95,32 @@ def test_resmlp_parameter_count(si_pairs):
         ResMLP(max_atoms=4, width=8, n_blocks=1).init(KEY, batch)
 
 
+def test_resmlp_input_norm_standardizes_and_is_not_trained(si_pairs):
+    from bptt_jax.models.resmlp import fit_input_stats
+
+    model = build_model("resmlp", "tiny", input_norm=True, coords="periodic")
+    batch = _batch(si_pairs, batch_size=4, n_atoms=8)
+    params = fit_input_stats(model, model.init(KEY, batch), [batch])
+    x = np.asarray(model.apply(params, batch, inputs_only=True))[np.asarray(batch.structure_mask)]
+    z = (x - np.asarray(params["input_stats"]["mean"])) / np.asarray(params["input_stats"]["std"])
+    varies = x.std(0) > 0.1
+    assert varies.sum() > 10  # the rattled coordinates
+    np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-5)
+    np.testing.assert_allclose(z[:, varies].std(0), 1.0, rtol=1e-3)
+    np.testing.assert_allclose(z[:, x.std(0) == 0], 0.0, atol=1e-6)  # padding slots, one element's descriptors
+    # The statistics are constants: no gradient reaches them; the forces do depend on them.
+    g = jax.grad(lambda p: jnp.sum(model.apply(p, batch) ** 2))(params)
+    assert float(jnp.abs(g["input_stats"]["mean"]).max()) == 0.0
+    assert float(jnp.abs(g["params"]["out"]["kernel"]).sum()) > 0
+    shifted = dict(params, input_stats={"mean": params["input_stats"]["mean"] + 1.0,
+                                        "std": params["input_stats"]["std"]})
+    assert not np.allclose(np.asarray(model.apply(shifted, batch)), np.asarray(model.apply(params, batch)))
+    # A model without input_norm is returned unchanged.
+    plain = build_model("resmlp", "tiny")
+    p0 = plain.init(KEY, batch)
+    assert fit_input_stats(plain, p0, [batch]) is p0
+
+
 @pytest.mark.parametrize("output", ["linear", "exp", "softplus"])
 def test_step_head_constant_output_init(si_pairs, output):
     batch = _batch(si_pairs, batch_size=4)
