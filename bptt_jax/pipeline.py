@@ -27,8 +27,7 @@ from bptt_jax import parallel
 from bptt_jax.bptt import BPTT, OptimConfig
 from bptt_jax.data.trajectory import DataError, SkipLog, Trajectory, filter_usable
 from bptt_jax.losses import force_l2, force_mse, masked_mean, structure_loss
-from bptt_jax.models import build_model
-from bptt_jax.models.resmlp import fit_input_stats
+from bptt_jax.models import build_model, fit_input_stats
 from bptt_jax.relax import RelaxConfig
 from bptt_jax.structures import DEFAULT_BUCKETS, Batch, Structure, bucket_size, displacement
 

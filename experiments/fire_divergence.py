@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+
+from experiments.headline import cpu_name
 
 ADSORBATE_Z = (1, 6, 7, 8)  # H, C, N, O
 
@@ -166,7 +167,7 @@ def _avg(values, keep=None) -> str:
 def report(res: dict, command: str, seconds: float) -> str:
     model, exact = res["model"], res.get("exact")
     lines = [f"# Why FIRE diverges: {res['dataset']} ({res['n']} test structures)", "",
-             f"Command: `{command}`  ", f"Machine: {platform.processor() or platform.machine()}, "
+             f"Command: `{command}`  ", f"Machine: {cpu_name()}, "
              f"{datetime.now(timezone.utc):%Y-%m-%d}, {seconds / 60:.1f} min.  ",
              f"Run: `{res['run']}` (pretrained checkpoint). FIRE with the library's constants (ASE's), "
              f"{res['max_frames']} frames, stop at RMS movement < {res['tol']} Å, diverged beyond "

@@ -13,10 +13,11 @@ learned nothing but the mean scores). A ``fit`` column says whether the variant 
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+
+from experiments.headline import cpu_name
 
 VARIANTS: list[tuple[str, dict, dict]] = [
     # name, model overrides, pretrain overrides
@@ -103,7 +104,7 @@ def report(rows: list[dict], dataset: str, command: str, wall: float) -> str:
     r0 = rows[0]
     out = [f"# ResMLP force pretraining on {dataset}: what was tried", "",
            f"Command: `{command}`", "",
-           f"Machine: {platform.processor() or platform.machine()}, written "
+           f"Machine: {cpu_name()}, written "
            f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; wall time {wall / 60:.1f} min.", "",
            f"Preset `small` (96 atoms, width 512, 4 blocks), seed 0, {r0['n_frames']} training frames (every 3rd), "
            f"{r0['epochs']} epochs of clip + Adam with a cosine decay unless stated, best epoch by validation force MSE. "

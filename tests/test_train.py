@@ -129,3 +129,38 @@ def test_seed_sweep_summary_has_mean_and_std(tmp_path):
     mean = lines[-1]
     assert mean.startswith("| mean ± std (3 seeds) |")
     assert "| 6 ± 0.2 |" in mean and "| 4.2 ± 0.2 |" in mean and "| - |" in mean  # FIRE missing: no statistic
+
+
+@pytest.mark.slow
+def test_resmlp_input_norm_from_the_cli(tmp_path, cli_cache):
+    """`model.overrides={input_norm:true,...}` reaches the ResMLP, whose input statistics are fitted on the
+    training frames before pretraining and saved with the pretrained checkpoint."""
+    import jax
+    import numpy as np
+
+    from bptt_jax.models import build_model
+    from bptt_jax.pipeline import restore_checkpoint
+
+    run_dir = tmp_path / "run"
+    r = _train(tmp_path, cli_cache, f"hydra.run.dir={run_dir}", "model=resmlp",
+               "model.overrides={input_norm:true,coords:periodic}", "finetune.epochs=0", "eval.fire=false",
+               "eval.oracle=false", "eval.force_control=false")
+    assert r.returncode == 0, r.stderr[-3000:]
+    model = build_model("resmlp", "tiny", input_norm=True, coords="periodic")
+    cfg = json.loads((run_dir / "run_config.json").read_text())
+    assert cfg["model"]["overrides"] == {"input_norm": True, "coords": "periodic"}
+    like = jax.tree_util.tree_map(np.asarray, _resmlp_like(model))
+    params, _, _ = restore_checkpoint(run_dir / "checkpoints" / "pretrained", like)
+    std = np.asarray(params["input_stats"]["std"])
+    mean = np.asarray(params["input_stats"]["mean"])
+    assert (std > 0.01).sum() > 10 and np.abs(mean).max() > 0  # fitted, not the initial zeros and ones
+
+
+def _resmlp_like(model):
+    import jax
+
+    from conftest import rattled_si
+    from bptt_jax.structures import Batch
+
+    start, target = rattled_si(seed=0)
+    return model.init(jax.random.PRNGKey(0), Batch.from_structures([start], [target], batch_size=1))

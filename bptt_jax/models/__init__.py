@@ -11,7 +11,7 @@ import flax.linen as nn
 
 from bptt_jax.models.adapt import ADAPT
 from bptt_jax.models.layers import AtomFeaturizer, EncoderBlock
-from bptt_jax.models.resmlp import ResMLP
+from bptt_jax.models.resmlp import ResMLP, fit_input_stats
 from bptt_jax.models.step_head import StepHead
 
 MODELS: dict[str, type[nn.Module]] = {"adapt": ADAPT, "resmlp": ResMLP}
@@ -56,4 +56,5 @@ def build_model(name: str, preset: str | None = None, **overrides: Any) -> nn.Mo
     return MODELS[name](**kwargs)
 
 
-__all__ = ["ADAPT", "ResMLP", "StepHead", "AtomFeaturizer", "EncoderBlock", "MODELS", "PRESETS", "build_model"]
+__all__ = ["ADAPT", "ResMLP", "StepHead", "AtomFeaturizer", "EncoderBlock", "MODELS", "PRESETS", "build_model",
+           "fit_input_stats"]
