@@ -133,7 +133,7 @@ def test_seed_sweep_summary_has_mean_and_std(tmp_path):
 
 @pytest.mark.slow
 def test_resmlp_input_norm_from_the_cli(tmp_path, cli_cache):
-    """`model.overrides={input_norm:true,...}` reaches the ResMLP, whose input statistics are fitted on the
+    """`+model.overrides.input_norm=true` reaches the ResMLP, whose input statistics are fitted on the
     training frames before pretraining and saved with the pretrained checkpoint."""
     import jax
     import numpy as np
@@ -143,10 +143,11 @@ def test_resmlp_input_norm_from_the_cli(tmp_path, cli_cache):
 
     run_dir = tmp_path / "run"
     r = _train(tmp_path, cli_cache, f"hydra.run.dir={run_dir}", "model=resmlp",
-               "model.overrides={input_norm:true,coords:periodic}", "finetune.epochs=0", "eval.fire=false",
+               "model.preset=small", "+model.overrides.input_norm=true", "+model.overrides.coords=periodic",
+               "finetune.epochs=0", "eval.fire=false",
                "eval.oracle=false", "eval.force_control=false")
     assert r.returncode == 0, r.stderr[-3000:]
-    model = build_model("resmlp", "tiny", input_norm=True, coords="periodic")
+    model = build_model("resmlp", "small", input_norm=True, coords="periodic")  # 64-atom tiny Si cells
     cfg = json.loads((run_dir / "run_config.json").read_text())
     assert cfg["model"]["overrides"] == {"input_norm": True, "coords": "periodic"}
     like = jax.tree_util.tree_map(np.asarray, _resmlp_like(model))
