@@ -715,8 +715,9 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     else:
         if not frames:
             raise ValueError("no frames with forces to pretrain on; set model.init_from")
-        # ResMLP with input_norm: standardize its inputs with the training frames' statistics (no-op otherwise).
-        model_params = fit_input_stats(model, model_params, force_batches(frames, cfg.pretrain.batch_size, buckets))
+        if getattr(model, "input_norm", False):  # ResMLP: standardize its inputs by the training frames' statistics
+            model_params = fit_input_stats(model, model_params,
+                                           force_batches(frames, cfg.pretrain.batch_size, buckets))
         model_params, pretrain_history = pretrain(model, model_params, frames, cfg.pretrain, buckets, cfg.seed,
                                                   cfg.progress)
         save_checkpoint(pre_dir, 0, model_params, {"history": pretrain_history})
