@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test run clean bench bench-quick bench-deps
+.PHONY: venv test run experiments clean bench bench-quick bench-deps
 
 venv: $(STAMP)
 
@@ -27,6 +27,11 @@ export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 run: $(STAMP)
 	$(PY) -m bptt_jax.train
+
+# Every table and figure of the paper (experiments/paper.py): results/paper/*.md and *.png, runs in runs/paper
+# (a finished run is reused, so an interrupted `make experiments` continues where it stopped).
+experiments: $(STAMP)
+	$(PY) -m experiments.paper all
 
 # Benchmarks (benchmarks/NOTES.md): JSON lines + tables on stdout, results in benchmarks/results/.
 # The PyTorch reference needs the CPU build of torch==2.13.0 (extra `bench`); pass e.g. BENCH_ARGS="--only bptt_jax".

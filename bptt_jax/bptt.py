@@ -10,12 +10,17 @@ Everything here is a pure function of explicit pytrees::
 ``batch`` is a :class:`~bptt_jax.structures.Batch` with ``target_positions``. The loss is the mean over
 real structures of Dq (paper Eq. 4) or MSE of the final positions, plus an optional proximal L2 term to
 reference parameters (App. C.2).
+
+Training-only variations of the rollout (:class:`OptimConfig`: exploration noise, a stop rule drawn per step,
+App. C.1 and C.4) enter :meth:`BPTT.loss` as traced values, so they change from step to step without a new
+compilation, and never reach :meth:`BPTT.evaluate` or :meth:`BPTT.relax_batch`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Union
+import math
+from typing import Any, NamedTuple, Optional, Union
 
 import flax.linen as nn
 import flax.struct
@@ -45,6 +50,14 @@ class OptimConfig:
       step_learning_rate: Adam learning rate of the learned step size's logarithm ``log η`` (a float or an
         optax schedule; None = ``learning_rate``). Adam moves a parameter by about its learning rate per step,
         so this is the relative change of η per step (0.01: about 1%), whatever the scale of η.
+      freeze_model: train only the step-size parameters; the MLIP keeps its parameters bit for bit (paper
+        Fig. 5a). Its gradient is never computed.
+      noise: σ (Å) of Gaussian exploration noise added to every frame of *training* rollouts only (App. C.1),
+        on top of ``RelaxConfig.noise``; a float or an optax schedule of the step count (per-epoch annealing).
+      stop_tol_range: ``(low, high)``: each training step draws its stop tolerance log-uniformly from this
+        range (App. C.4, paper: 1e-4 to 1e-2 Å); None = ``RelaxConfig.tol``.
+      stop_frames_range: ``(low, high)``: each training step draws its frame budget uniformly from these
+        integers, both included (paper: 50 to 75; at most ``RelaxConfig.max_frames``); None = ``max_frames``.
     """
 
     learning_rate: Union[float, optax.Schedule] = 1e-4
@@ -52,26 +65,50 @@ class OptimConfig:
     loss: str = "dq"
     prox_weight: float = 0.0
     step_learning_rate: Union[float, optax.Schedule, None] = None
+    freeze_model: bool = False
+    noise: Union[float, optax.Schedule] = 0.0
+    stop_tol_range: Optional[tuple[float, float]] = None
+    stop_frames_range: Optional[tuple[int, int]] = None
 
     def __post_init__(self):
         if self.loss not in ("dq", "mse"):
             raise ValueError(f"unknown loss {self.loss!r}; expected dq or mse")
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"clip_norm must be positive or None (no clipping), not {self.clip_norm}")
+        if self.stop_tol_range is not None and not 0 < self.stop_tol_range[0] <= self.stop_tol_range[1]:
+            raise ValueError(f"stop_tol_range must be (low, high) with 0 < low <= high, not {self.stop_tol_range}")
+        if self.stop_frames_range is not None and not 1 <= self.stop_frames_range[0] <= self.stop_frames_range[1]:
+            raise ValueError(f"stop_frames_range must be (low, high) with 1 <= low <= high, not "
+                             f"{self.stop_frames_range}")
+
+
+class RolloutOverrides(NamedTuple):
+    """A training step's variations of the rollout (traced scalars; None = the configured value)."""
+
+    noise: Optional[Array] = None
+    tol: Optional[Array] = None
+    frame_limit: Optional[Array] = None
 
 
 def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
     """``optax.chain(clip_by_global_norm, adam)``; with ``step_learning_rate`` the learned ``log η`` has an
     Adam of its own rate (``optax.multi_transform``), clipped together with the model's gradient.
-    ``clip_norm=None``: no clipping."""
+    ``clip_norm=None``: no clipping. ``freeze_model``: the model's updates are zero (``optax.set_to_zero``)."""
     clip = [] if config.clip_norm is None else [optax.clip_by_global_norm(config.clip_norm)]
-    if config.step_learning_rate is None:
+    if config.step_learning_rate is None and not config.freeze_model:
         return optax.chain(*clip, optax.adam(config.learning_rate))
+    step_lr = config.learning_rate if config.step_learning_rate is None else config.step_learning_rate
+    model_label = "frozen" if config.freeze_model else "model"
 
     def labels(params):
-        return {k: jax.tree_util.tree_map(lambda _: "step" if k == "log_step_size" else "model", v)
+        return {k: jax.tree_util.tree_map(lambda _: "step" if k == "log_step_size" else
+                                          (model_label if k == "model" else "model"), v)
                 for k, v in params.items()}
 
-    return optax.chain(*clip, optax.multi_transform(
-        {"model": optax.adam(config.learning_rate), "step": optax.adam(config.step_learning_rate)}, labels))
+    transforms = {"model": optax.adam(config.learning_rate), "step": optax.adam(step_lr)}
+    if config.freeze_model:
+        transforms["frozen"] = optax.set_to_zero()
+    return optax.chain(*clip, optax.multi_transform(transforms, labels))
 
 
 @flax.struct.dataclass
@@ -107,6 +144,12 @@ class BPTT:
     step_head: Optional[StepHead] = None
 
     def __post_init__(self):
+        if self.optim.freeze_model and self.relax.step_mode == "fixed":
+            raise ValueError("freeze_model with a fixed step size leaves nothing to train; use a learned step "
+                             "size (step_mode learned or network)")
+        if self.optim.stop_frames_range is not None and self.optim.stop_frames_range[1] > self.relax.max_frames:
+            raise ValueError(f"stop_frames_range {self.optim.stop_frames_range} exceeds max_frames "
+                             f"{self.relax.max_frames}")
         if self.relax.step_mode == "network" and self.step_head is None:
             object.__setattr__(self, "step_head", StepHead(init_step=self.relax.step_size, output="exp"))
         # Jitted entry points; the instance is captured by closure, so each shape compiles once.
@@ -163,8 +206,10 @@ class BPTT:
             return self.model.apply(params["model"], batch)
         return self.model.apply(params["model"], batch, deterministic=False, rngs={"dropout": key})
 
-    def update_rule(self, params: Params, batch: Batch) -> relax_lib.UpdateRule:
-        """The ``(init_fn, step_fn)`` rule that relaxes ``batch``: model forces and the configured step size."""
+    def update_rule(self, params: Params, batch: Batch, extra_noise: Union[float, Array, None] = None
+                    ) -> relax_lib.UpdateRule:
+        """The ``(init_fn, step_fn)`` rule that relaxes ``batch``: model forces and the configured step size
+        (``extra_noise``: training-time exploration noise on top of ``relax.noise``)."""
         use_dropout = self.relax.dropout
 
         def force_fn(R, k):
@@ -181,19 +226,40 @@ class BPTT:
                                                 rngs={"dropout": k})
                 return self.step_head.apply(params["step_head"], b, F)
 
-        return relax_lib.make_rule(self.relax, force_fn, batch.free_mask, step_size)
+        return relax_lib.make_rule(self.relax, force_fn, batch.free_mask, step_size,
+                                   0.0 if extra_noise is None else extra_noise)
 
     def rollout(self, params: Params, batch: Batch, key: Optional[Array] = None, *, mode: str = "scan",
                 record: bool = False, adjoint_probe: Optional[Array] = None,
-                max_frames: Optional[int] = None) -> RolloutResult:
+                max_frames: Optional[int] = None, overrides: Optional[RolloutOverrides] = None) -> RolloutResult:
         """Relax ``batch`` with the model (traceable; differentiable in scan mode per ``relax.grad_mode``).
 
-        ``max_frames`` (static) overrides ``relax.max_frames`` for this call."""
-        rule = self.update_rule(params, batch)
+        ``max_frames`` (static) overrides ``relax.max_frames`` for this call; ``overrides`` (traced) adds a
+        training step's noise and stop rule (:meth:`training_overrides`)."""
+        o = overrides or RolloutOverrides()
+        rule = self.update_rule(params, batch, o.noise)
         config = self.relax if max_frames is None else dataclasses.replace(self.relax, max_frames=max_frames)
         return relax_lib.run(config, rule, batch.positions, batch.free_mask, key=key, mode=mode,
                              record=record, adjoint_probe=adjoint_probe,
-                             translation_modes=~jnp.any(batch.fixed_mask & batch.atom_mask, axis=-1))
+                             translation_modes=~jnp.any(batch.fixed_mask & batch.atom_mask, axis=-1),
+                             tol=o.tol, frame_limit=o.frame_limit)
+
+    def training_overrides(self, step: Array, key: Array) -> Optional[RolloutOverrides]:
+        """The rollout variations of training step ``step``: exploration noise from ``optim.noise`` (its schedule
+        at ``step``) and a stop rule drawn from ``key`` (``optim.stop_tol_range``, ``optim.stop_frames_range``).
+        None when training rollouts equal evaluation rollouts."""
+        o = self.optim
+        if not callable(o.noise) and o.noise == 0 and o.stop_tol_range is None and o.stop_frames_range is None:
+            return None
+        noise = o.noise(step) if callable(o.noise) else (None if o.noise == 0 else jnp.asarray(o.noise))
+        k_tol, k_frames = jax.random.split(jax.random.fold_in(key, 0x5709))
+        tol = frame_limit = None
+        if o.stop_tol_range is not None:
+            lo, hi = (math.log(v) for v in o.stop_tol_range)
+            tol = jnp.exp(jax.random.uniform(k_tol, (), minval=lo, maxval=hi))
+        if o.stop_frames_range is not None:
+            frame_limit = jax.random.randint(k_frames, (), o.stop_frames_range[0], o.stop_frames_range[1] + 1)
+        return RolloutOverrides(noise, tol, frame_limit)
 
     def _relax_batch(self, params: Params, batch: Batch, key: Optional[Array] = None, *, mode: str = "while",
                      record: bool = False) -> RolloutResult:
@@ -208,12 +274,17 @@ class BPTT:
 
     def loss(self, params: Params, batch: Batch, key: Optional[Array] = None,
              ref_params: Optional[Params] = None, adjoint_probe: Optional[Array] = None,
-             max_frames: Optional[int] = None) -> tuple[Array, dict[str, Array]]:
+             max_frames: Optional[int] = None, overrides: Optional[RolloutOverrides] = None
+             ) -> tuple[Array, dict[str, Array]]:
         """Mean structural loss of the relaxed batch (+ proximal term) and per-structure diagnostics.
 
         ``adjoint_probe``: (B,) zeros whose gradient is the per-structure adjoint residual (implicit/guided).
+        ``overrides``: a training step's noise and stop rule (:meth:`training_overrides`).
         """
-        result = self.rollout(params, batch, key, mode="scan", adjoint_probe=adjoint_probe, max_frames=max_frames)
+        if self.optim.freeze_model:  # no gradient flows into (or is computed for) the MLIP
+            params = {**params, "model": jax.lax.stop_gradient(params["model"])}
+        result = self.rollout(params, batch, key, mode="scan", adjoint_probe=adjoint_probe, max_frames=max_frames,
+                              overrides=overrides)
         per_structure = structure_loss(self.optim.loss, result.positions, batch)
         smask = batch.structure_mask
         loss = masked_mean(per_structure, smask)
@@ -247,25 +318,29 @@ class BPTT:
         if q <= 0 or self.relax.grad_mode not in ("full", "remat"):
             return None
         _, key = jax.random.split(state.rng)
-        needed = int(self._frames_needed(state.params, batch, key))
+        needed = int(self._frames_needed(state.params, batch, key, state.step))
         return min(self.relax.max_frames, max(q, -(-needed // q) * q))
 
-    def _needed(self, params: Params, batch: Batch, key: Array) -> Array:
-        use_key = key if (self.relax.dropout or self.relax.noise) else None
-        return jnp.max(self.rollout(params, batch, use_key, mode="while").frames)
+    def _needed(self, params: Params, batch: Batch, key: Array, step: Optional[Array] = None) -> Array:
+        # The same key, noise and stop rule as the training step that follows (step: the state's count).
+        overrides = self.training_overrides(jnp.zeros((), jnp.int32) if step is None else step, key)
+        noisy = self.relax.noise or (overrides is not None and overrides.noise is not None)
+        use_key = key if (self.relax.dropout or noisy) else None
+        return jnp.max(self.rollout(params, batch, use_key, mode="while", overrides=overrides).frames)
 
     def _train_step(self, state: TrainState, batch: Batch, ref_params: Optional[Params] = None,
                     n_frames: Optional[int] = None) -> tuple[TrainState, dict[str, Array]]:
         rng, key = jax.random.split(state.rng)
+        overrides = self.training_overrides(state.step, key)
         residual = None
         if self.uses_adjoint:
             probe = jnp.zeros(batch.positions.shape[:1], batch.positions.dtype)
             (total, aux), (grads, residual) = jax.value_and_grad(
-                lambda p, q: self.loss(p, batch, key, ref_params, q, n_frames), argnums=(0, 1), has_aux=True)(
-                state.params, probe)
+                lambda p, q: self.loss(p, batch, key, ref_params, q, n_frames, overrides), argnums=(0, 1),
+                has_aux=True)(state.params, probe)
         else:
             (total, aux), grads = jax.value_and_grad(self.loss, has_aux=True)(state.params, batch, key, ref_params,
-                                                                              None, n_frames)
+                                                                              None, n_frames, overrides)
         updates, opt_state = make_optimizer(self.optim).update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         smask = batch.structure_mask
@@ -279,6 +354,10 @@ class BPTT:
         }
         if self.relax.step_mode == "learned":
             metrics["step_size"] = self.step_size(params)
+        if overrides is not None:
+            for name, value in overrides._asdict().items():
+                if value is not None:
+                    metrics[name] = value
         if residual is not None:
             # Worst relative residual of the adjoint solve over real structures (0 when not solved).
             metrics["adjoint_residual"] = jnp.max(jnp.where(smask, residual, 0.0))

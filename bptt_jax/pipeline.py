@@ -27,7 +27,7 @@ from bptt_jax import parallel
 from bptt_jax.bptt import BPTT, OptimConfig
 from bptt_jax.data.trajectory import DataError, SkipLog, Trajectory, filter_usable
 from bptt_jax.losses import force_l2, force_mse, masked_mean, structure_loss
-from bptt_jax.models import build_model, fit_input_stats
+from bptt_jax.models import StepHead, build_model, fit_input_stats
 from bptt_jax.relax import RelaxConfig
 from bptt_jax.structures import DEFAULT_BUCKETS, Batch, Structure, bucket_size, displacement
 
@@ -101,12 +101,23 @@ class PretrainConfig:
 
 @dataclasses.dataclass
 class FinetuneConfig:
+    """BPTT fine-tuning (paper Sec. 3, App. B-D). The training-only options (``freeze_model``, ``noise``,
+    ``variable_stop``) change the training rollouts, never the evaluation's."""
+
     epochs: int = 5
     batch_size: int = 8
     learning_rate: float = 5e-4
-    clip_norm: float = 1.0
+    clip_norm: Optional[float] = 1.0  # None: no clipping (proximal-only runs, App. C.2)
     prox_weight: float = 0.0
     step_mode: str = "learned"  # fixed | learned | network
+    step_head: dict = dataclasses.field(default_factory=dict)  # StepHead options (init, d_model, n_layers, ...)
+    freeze_model: bool = False  # train the step size only; the MLIP stays as pretrained (Fig. 5a)
+    noise: float = 0.0  # σ (Å) of exploration noise in every training frame (App. C.1)
+    noise_anneal: float = 1.0  # the noise's factor per epoch (epoch e: noise · noise_anneal^e)
+    noise_frame_anneal: float = 1.0  # and per frame within a relaxation
+    variable_stop: bool = False  # each training step draws its stop rule (App. C.4)
+    stop_tol_range: tuple[float, float] = (1e-4, 1e-2)  # log-uniform
+    stop_frames_range: tuple[int, int] = (50, 75)  # uniform, both included
     rule: str = "descent"  # descent | fire: the relaxation trained through
     step_size: Optional[float] = None  # None: start from the best constant step of the grid
     warmup_steps: int = 0
@@ -122,6 +133,18 @@ class FinetuneConfig:
             raise ValueError(f"finetune.rule must be descent or fire, not {self.rule!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"finetune.val_fraction must be in [0, 1), not {self.val_fraction}")
+        if self.noise < 0 or not 0 < self.noise_anneal <= 1 or not 0 < self.noise_frame_anneal <= 1:
+            raise ValueError("finetune.noise must be >= 0 and its anneal factors in (0, 1]")
+        self.stop_tol_range = tuple(float(x) for x in self.stop_tol_range)
+        self.stop_frames_range = tuple(int(x) for x in self.stop_frames_range)
+
+
+def noise_schedule(ft: FinetuneConfig, steps_per_epoch: int) -> Union[float, optax.Schedule]:
+    """Training noise σ per step: ``noise · noise_anneal^epoch`` (a constant when it does not anneal)."""
+    if ft.noise == 0 or ft.noise_anneal == 1:
+        return ft.noise
+    return optax.exponential_decay(ft.noise, transition_steps=max(steps_per_epoch, 1), decay_rate=ft.noise_anneal,
+                                   staircase=True)
 
 
 def lr_schedule(ft: FinetuneConfig, steps_per_epoch: int) -> Union[float, optax.Schedule]:
@@ -648,6 +671,12 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     """Run every stage and write the run directory; returns the results dictionary."""
     from tqdm.auto import tqdm
 
+    if cfg.finetune.variable_stop and cfg.finetune.stop_frames_range[1] > cfg.data.max_frames:
+        raise ValueError(f"finetune.stop_frames_range {list(cfg.finetune.stop_frames_range)} exceeds "
+                         f"dataset.max_frames {cfg.data.max_frames}")
+    if cfg.relax.noise:
+        raise ValueError("relax.noise would also perturb the baselines and the test relaxations; training-only "
+                         "exploration noise is finetune.noise")
     parallel.initialize(cfg.distributed)  # multi-host: before any JAX computation (no-op unless enabled)
     # Multi-host: every process runs every stage (only the BPTT steps are shared), process 0 alone writes the
     # run directory (config, checkpoints, results, metrics, plots), so processes sharing one run_dir do not
@@ -775,9 +804,15 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     schedule = lr_schedule(ft, steps_per_epoch)
     # FIRE has no step size to learn: its own time step adapts.
     step_mode = "fixed" if ft.rule == "fire" else ft.step_mode
-    bptt = BPTT(model, dataclasses.replace(relax_cfg, step_mode=step_mode, step_size=eta0, rule=ft.rule),
+    head = StepHead(init_step=eta0, output="exp", **ft.step_head) if step_mode == "network" else None
+    bptt = BPTT(model, dataclasses.replace(relax_cfg, step_mode=step_mode, step_size=eta0, rule=ft.rule,
+                                           noise_anneal=ft.noise_frame_anneal),
                 OptimConfig(learning_rate=schedule, clip_norm=ft.clip_norm, loss=loss_kind,
-                            prox_weight=ft.prox_weight, step_learning_rate=ft.step_learning_rate))
+                            prox_weight=ft.prox_weight, step_learning_rate=ft.step_learning_rate,
+                            freeze_model=ft.freeze_model, noise=noise_schedule(ft, steps_per_epoch),
+                            stop_tol_range=ft.stop_tol_range if ft.variable_stop else None,
+                            stop_frames_range=ft.stop_frames_range if ft.variable_stop else None),
+                step_head=head)
     params0 = bptt.with_model_params(model_params, jax.random.fold_in(key, 1), sample)
     ref_params = params0 if ft.prox_weight else None
     state = bptt.init_state(params0, jax.random.fold_in(key, 2))
@@ -789,6 +824,8 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
         return evaluate_relaxation(bptt, params, val_batches, len(val_items), eval_mesh).avg if val_items else None
 
     val0 = val_loss(params0) if ft.epochs else None
+    # The starting model on the test split (epoch 0 of the per-epoch test curve; reported, never selected on).
+    test0 = evaluate_relaxation(bptt, params0, test_batches, len(test_items), eval_mesh).avg if ft.epochs else None
     if cfg.resume and latest_step(ft_dir) is not None:
         like = {"state": state}
         restored, meta, start_epoch = restore_checkpoint(ft_dir, like)
@@ -837,6 +874,9 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "val_loss": val, "test_loss": test.avg,
                "train_frames": float(np.mean(frames_used)), "structure_frames": structure_frames,
                "train_diverged": diverged, "test_diverged": test.diverged, "seconds": round(seconds, 2)}
+        if ft.noise:
+            noise = bptt.optim.noise
+            row["noise"] = float(noise(epoch * steps_per_epoch) if callable(noise) else noise)
         if bptt.step_size(state.params) is not None:
             row["step_size"] = float(bptt.step_size(parallel.unreplicate(state.params)))
         if residuals:
@@ -935,7 +975,9 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
         "step_size_final": float(step_final) if step_final is not None else None,
         "bptt_selection": {"kept_epoch": best_epoch if ft.epochs else None, "criterion": "validation loss",
                            "val_loss": [val0] + [r.get("val_loss") for r in metrics_rows],
-                           "test_loss": [r["test_loss"] for r in metrics_rows]},
+                           "test_loss": [r["test_loss"] for r in metrics_rows],
+                           "test_loss_start": test0,
+                           "train_loss": [r["train_loss"] for r in metrics_rows]},
         "oracle": ({k: v for k, v in oracle_res.items() if k != "per_structure"} if oracle_res else None),
         "force_control": ({"epochs": control["epochs"], "constant_step_best": control["constant_step_best"],
                            "bptt_structure_frames": bptt_structure_frames,
@@ -943,6 +985,7 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
                            "seconds": round(wall["force_control"], 2)} if control else None),
         "grad_mode": relax_cfg.grad_mode,
         "finetune_rule": ft.rule,
+        "finetune": _jsonable(ft),
         "seconds_per_bptt_step": (float(np.mean([r["seconds"] for r in metrics_rows])) / max(steps_per_epoch, 1)
                                   if metrics_rows else None),
         "pretrain_epochs": len(pretrain_history),

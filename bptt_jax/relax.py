@@ -50,6 +50,11 @@ def _split_keys(key: Optional[Array], batch_size: int) -> Array:
     return jax.random.split(key, batch_size)
 
 
+def _is_zero(x) -> bool:
+    """Whether ``x`` is a Python number equal to 0 (a traced value is never known to be zero)."""
+    return isinstance(x, (int, float)) and x == 0
+
+
 def _per_structure(x: Array, batch_size: int, dtype) -> Array:
     """A scalar or (B,) step parameter as (B,)."""
     return jnp.broadcast_to(jnp.asarray(x, dtype), (batch_size,))
@@ -85,7 +90,7 @@ def descent(
     *,
     momentum: float = 0.0,
     anneal: float = 1.0,
-    noise: float = 0.0,
+    noise: Union[float, Array] = 0.0,
     noise_anneal: float = 1.0,
 ) -> UpdateRule:
     """Force-driven descent, the paper's ``frame`` (Eq. 2) and its ablations (App. C).
@@ -101,6 +106,7 @@ def descent(
       step_size: η in Å²/eV: a constant, a traced scalar (a learned parameter), a (B,) array, or a
         callable ``(positions, forces, key) -> (B,)`` (the neural step head of App. B).
       free_mask: (B, N) atoms that move.
+      noise: σ of the exploration noise in Å, a number or a traced scalar (a training-time schedule).
     """
     free = free_mask[..., None]
 
@@ -122,7 +128,7 @@ def descent(
         eta = eta * jnp.asarray(anneal, eta.dtype) ** state.frame
         velocity = momentum * state.velocity + eta[:, None, None] * forces
         positions = state.positions + velocity
-        if noise:
+        if not _is_zero(noise):
             eps = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), state.positions.shape[1:],
                                                        state.positions.dtype))(use_key)
             scale = noise * jnp.asarray(noise_anneal, eta.dtype) ** state.frame
@@ -285,8 +291,12 @@ def _per_structure_norm(x: Array) -> Array:
     return jnp.sqrt(jnp.sum(x * x, axis=tuple(range(1, x.ndim))))
 
 
-def _make_frame(step_fn, start: Array, free_mask: Array, tol: float, diverge_distance: float):
-    """One frame of the stop rule on the carry ``(state, done, frames, converged, diverged)``."""
+def _make_frame(step_fn, start: Array, free_mask: Array, tol: Union[float, Array], diverge_distance: float,
+                frame_limit: Optional[Array] = None):
+    """One frame of the stop rule on the carry ``(state, done, frames, converged, diverged)``.
+
+    ``tol`` may be traced; ``frame_limit`` (a traced int, at most the scan's length) stops a structure once
+    it has taken that many frames, so a training step can draw its stop rule without a new compilation."""
 
     def frame(carry):
         state, done, frames, converged, diverged = carry
@@ -300,7 +310,11 @@ def _make_frame(step_fn, start: Array, free_mask: Array, tol: float, diverge_dis
         active = ~done
         state = _select(active & ~bad, new, state)
         hit_tol = active & ~bad & (move < tol)
-        return (state, done | bad | hit_tol, frames + active, converged | hit_tol, diverged | (active & bad))
+        frames = frames + active
+        stop = done | bad | hit_tol
+        if frame_limit is not None:
+            stop = stop | (frames >= frame_limit)
+        return (state, stop, frames, converged | hit_tol, diverged | (active & bad))
 
     return frame
 
@@ -627,6 +641,7 @@ def rollout(
     translation_modes: Optional[Array] = None,
     samples: int = 32,
     sample_chunk: int = 4,
+    frame_limit: Optional[Array] = None,
 ) -> RolloutResult:
     """Run ``rule`` from ``positions`` until every structure converged or ``max_frames``.
 
@@ -636,7 +651,8 @@ def rollout(
       free_mask: (B, N) atoms that move and count in the stop statistic.
       key: PRNG key for stochastic rules / dropout.
       max_frames: frame budget (paper: 75 for Si defects and crystals, 200 for catalysts).
-      tol: a structure stops once its RMS movement in one frame is below ``tol`` Å (paper: 1e-3).
+      tol: a structure stops once its RMS movement in one frame is below ``tol`` Å (paper: 1e-3); a number or
+        a traced scalar.
       diverge_distance: RMS displacement from the start (Å) beyond which a structure counts as diverged.
       mode: ``"scan"`` (differentiable, per ``grad_mode``) or ``"while"`` (early exit, inference only).
       remat: shorthand for ``grad_mode="remat", segment=1``.
@@ -677,6 +693,9 @@ def rollout(
       sample_chunk: ``"first_order"`` differentiates the sampled frames this many at a time, in a loop that
         accumulates the parameter gradient (0 = all at once). Memory is that many frames' tape; on XLA:CPU
         chunks of 2–4 were also the fastest (all 32 at once: 1.4× slower, 9× the memory).
+      frame_limit: optional traced int ≤ ``max_frames``: structures stop after this many frames. The scan keeps
+        its static length ``max_frames``, so a different limit per call (paper App. C.4: variable stopping)
+        reuses the compiled program.
     """
     if grad_mode not in GRAD_MODES:
         raise ValueError(f"unknown grad_mode {grad_mode!r}; expected one of {', '.join(GRAD_MODES)}")
@@ -691,7 +710,7 @@ def rollout(
     n_free = jnp.sum(free_mask, axis=-1)
     done0 = n_free == 0
     zeros_b = jnp.zeros(done0.shape, jnp.int32)
-    frame = _make_frame(step_fn, start, free_mask, tol, diverge_distance)
+    frame = _make_frame(step_fn, start, free_mask, tol, diverge_distance, frame_limit)
     carry0 = (state0, done0, zeros_b, jnp.zeros_like(done0), jnp.zeros_like(done0))
 
     if mode == "while":
@@ -842,23 +861,28 @@ class RelaxConfig:
 
 
 def make_rule(config: RelaxConfig, force_fn: ForceFn, free_mask: Array,
-              step_size: Union[float, Array, StepSizeFn, None] = None) -> UpdateRule:
+              step_size: Union[float, Array, StepSizeFn, None] = None,
+              extra_noise: Union[float, Array] = 0.0) -> UpdateRule:
     """The update rule ``config`` describes; ``step_size`` (a learned scalar or a step-head closure)
-    replaces ``config.step_size`` when given."""
+    replaces ``config.step_size`` when given; ``extra_noise`` (Å, maybe traced) adds to ``config.noise``."""
     if config.rule == "fire":
         return fire(force_fn, free_mask, **dict(config.fire))
     eta = config.step_size if step_size is None else step_size
+    noise = config.noise if _is_zero(extra_noise) else config.noise + extra_noise
     return descent(force_fn, eta, free_mask, momentum=config.momentum, anneal=config.anneal,
-                   noise=config.noise, noise_anneal=config.noise_anneal)
+                   noise=noise, noise_anneal=config.noise_anneal)
 
 
 def run(config: RelaxConfig, rule: UpdateRule, positions: Array, free_mask: Array, *,
         key: Optional[Array] = None, mode: str = "scan", record: bool = False,
-        adjoint_probe: Optional[Array] = None, translation_modes: Optional[Array] = None) -> RolloutResult:
-    """:func:`rollout` with the stop rule, gradient mode and options of ``config``."""
-    return rollout(rule, positions, free_mask, key=key, max_frames=config.max_frames, tol=config.tol,
+        adjoint_probe: Optional[Array] = None, translation_modes: Optional[Array] = None,
+        tol: Union[float, Array, None] = None, frame_limit: Optional[Array] = None) -> RolloutResult:
+    """:func:`rollout` with the stop rule, gradient mode and options of ``config``; ``tol`` and
+    ``frame_limit`` (traced values) replace its stop rule for this call."""
+    return rollout(rule, positions, free_mask, key=key, max_frames=config.max_frames,
+                   tol=config.tol if tol is None else tol,
                    diverge_distance=config.diverge_distance, mode=mode, remat=config.remat,
                    skip_converged=config.skip_converged, record=record, grad_mode=config.grad_mode,
                    segment=config.remat_segment, window=config.window_frames, adjoint=config.adjoint,
                    adjoint_probe=adjoint_probe, translation_modes=translation_modes, samples=config.sample_frames,
-                   sample_chunk=config.sample_chunk)
+                   sample_chunk=config.sample_chunk, frame_limit=frame_limit)

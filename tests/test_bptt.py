@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from bptt_jax.bptt import BPTT, OptimConfig, proximal_term
@@ -151,3 +152,92 @@ def test_step_learning_rate_is_the_relative_change_of_eta(si_pairs):
     assert abs(float(new.params["log_step_size"] - state.params["log_step_size"])) == pytest.approx(0.01, rel=1e-3)
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                            new.params["model"], state.params["model"])
+
+
+def test_frozen_model_keeps_its_parameters_bit_for_bit(si_pairs):
+    batch = _batch(si_pairs, batch_size=4)
+    bptt = BPTT(build_model("adapt", "tiny"), RelaxConfig(step_size=0.05, step_mode="learned", max_frames=5),
+                OptimConfig(learning_rate=1e-2, step_learning_rate=0.05, freeze_model=True))
+    state0 = bptt.init_state(bptt.init_params(KEY, batch), KEY)
+    state = state0
+    for _ in range(3):
+        state, _ = bptt.train_step(state, batch)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                           state.params["model"], state0.params["model"])
+    assert float(state.params["log_step_size"]) != float(state0.params["log_step_size"])  # η still trains
+    with pytest.raises(ValueError, match="nothing to train"):
+        BPTT(bptt.model, RelaxConfig(step_size=0.05, step_mode="fixed"), OptimConfig(freeze_model=True))
+
+
+def test_variable_stop_draws_a_new_rule_per_step_without_recompiling(si_pairs):
+    batch = _batch(si_pairs, batch_size=4)
+    bptt = BPTT(build_model("adapt", "tiny"), RelaxConfig(step_size=0.05, step_mode="learned", max_frames=8,
+                                                          tol=1e-9),
+                OptimConfig(learning_rate=1e-4, stop_tol_range=(1e-4, 1e-2), stop_frames_range=(2, 6)))
+    state = bptt.init_state(bptt.init_params(KEY, batch), KEY)
+    tols, limits = [], []
+    for _ in range(6):
+        state, m = bptt.train_step(state, batch)
+        tols.append(float(m["tol"]))
+        limits.append(int(m["frame_limit"]))
+        assert float(m["frames"]) <= limits[-1]
+    assert bptt.train_step._cache_size() == 1
+    assert len(set(limits)) > 1 and len(set(tols)) == len(tols), (limits, tols)
+    assert all(2 <= n <= 6 for n in limits) and all(1e-4 <= t <= 1e-2 for t in tols)
+    # Evaluation keeps the configured rule: tol 1e-9 never met, so every structure takes all 8 frames.
+    frames = np.asarray(bptt.evaluate(state.params, batch)["frames"])[:3]
+    assert np.all(frames == 8), frames
+
+
+def test_training_noise_never_reaches_evaluation(si_pairs):
+    from bptt_jax.bptt import RolloutOverrides
+
+    batch = _batch(si_pairs, batch_size=4)
+    model = build_model("adapt", "tiny")
+    relax = RelaxConfig(step_size=0.05, step_mode="learned", max_frames=5, tol=0.0)
+    noisy = BPTT(model, relax, OptimConfig(noise=0.05))
+    clean = BPTT(model, relax, OptimConfig())
+    params = clean.init_params(KEY, batch)
+    np.testing.assert_array_equal(np.asarray(noisy.evaluate(params, batch)["positions"]),
+                                  np.asarray(clean.evaluate(params, batch)["positions"]))
+    np.testing.assert_array_equal(np.asarray(noisy.relax_batch(params, batch, KEY).positions),
+                                  np.asarray(clean.relax_batch(params, batch, KEY).positions))
+    overrides = noisy.training_overrides(jnp.int32(0), KEY)
+    assert float(overrides.noise) == pytest.approx(0.05)
+    with_noise = noisy.rollout(params, batch, KEY, overrides=overrides).positions
+    without = noisy.rollout(params, batch, KEY, overrides=RolloutOverrides()).positions
+    moved = np.abs(np.asarray(with_noise - without))[:3]
+    assert moved.max() > 0.01  # five frames of σ = 0.05 Å noise
+    # Padding atoms never move.
+    np.testing.assert_array_equal(np.asarray(with_noise)[~np.asarray(batch.atom_mask)],
+                                  np.asarray(batch.positions)[~np.asarray(batch.atom_mask)])
+
+
+def test_noise_anneals_per_epoch():
+    from bptt_jax.pipeline import FinetuneConfig, noise_schedule
+
+    sched = noise_schedule(FinetuneConfig(noise=0.1, noise_anneal=0.5), steps_per_epoch=3)
+    assert [float(sched(s)) for s in (0, 2, 3, 5, 6)] == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025])
+    assert noise_schedule(FinetuneConfig(noise=0.1), steps_per_epoch=3) == 0.1
+
+
+def test_clip_norm_none_means_no_clipping():
+    from bptt_jax.bptt import make_optimizer
+
+    params = {"model": {"w": jnp.zeros(3)}}
+    grads = [{"model": {"w": jnp.array([100.0, 0.0, 0.0])}}, {"model": {"w": jnp.array([-1.0, 0.0, 0.0])}}]
+
+    def updates(opt):
+        state, out = opt.init(params), []
+        for g in grads:
+            u, state = opt.update(g, state, params)
+            out.append(np.asarray(u["model"]["w"]))
+        return out
+
+    plain = updates(optax.adam(1e-2))
+    unclipped = updates(make_optimizer(OptimConfig(learning_rate=1e-2, clip_norm=None)))
+    clipped = updates(make_optimizer(OptimConfig(learning_rate=1e-2, clip_norm=1.0)))
+    for a, b in zip(plain, unclipped):
+        np.testing.assert_array_equal(a, b)
+    # Clipped, the two gradients weigh the same and Adam's second step reverses; unclipped it does not.
+    assert unclipped[1][0] < 0 < clipped[1][0]

@@ -184,3 +184,14 @@ def test_attention_matches_flax(with_bias):
     g1 = jax.grad(lambda q: jnp.sum(jnp.sin(attention(q, k, v, bias=bias, mask=mask))))(q)
     g2 = jax.grad(lambda q: jnp.sum(jnp.sin(nn.dot_product_attention(q, k, v, bias=bias, mask=mask))))(q)
     np.testing.assert_allclose(g1, g2, rtol=1e-5, atol=1e-6)
+
+
+def test_step_head_random_init_varies_around_the_starting_step(si_pairs):
+    batch = Batch.from_structures([s for s, _ in si_pairs], batch_size=4)
+    forces = jax.random.normal(KEY, batch.positions.shape) * batch.atom_mask[..., None]
+    head = StepHead(d_model=16, n_heads=2, ffn_dim=16, init_step=0.077, output="exp", output_init="random")
+    out = np.asarray(head.apply(head.init(KEY, batch, forces), batch, forces))[:3]
+    assert np.all(out > 0) and np.ptp(out) > 1e-3, out  # not a constant output
+    assert np.all(np.abs(np.log(out / 0.077)) < 4.0), out  # around the starting step
+    with pytest.raises(ValueError, match="step-head output_init"):
+        StepHead(output_init="zeros").init(KEY, batch, forces)

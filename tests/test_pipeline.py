@@ -1,5 +1,6 @@
 """The pipeline's data split, model-size buckets, pretraining stop rule and BPTT's best-epoch selection."""
 
+import csv
 import dataclasses
 import json
 from pathlib import Path
@@ -152,3 +153,26 @@ def test_pretraining_stops_on_a_plateau_not_the_clock(tmp_path, cli_cache):
     assert len(history) == 3 and history[-1]["stop"] == "plateau"
     with pytest.raises(ValueError, match="schedule"):
         PretrainConfig(schedule="linear")
+
+
+@pytest.mark.slow
+def test_ablation_options_run_through_the_pipeline(tmp_path, cli_cache):
+    """Fig. 5a's frozen MLIP with App. B's randomly initialised step head, trained under App. C.1's noise, C.4's
+    variable stop and C.2's proximal term without clipping: the MLIP comes out bit for bit as pretrained, the
+    noise anneals per epoch, and the evaluation relaxations are the noise-free ones."""
+    head = {"output_init": "random", "d_model": 8, "n_heads": 2, "ffn_dim": 8}
+    cfg = _tiny_run(tmp_path, cli_cache, learning_rate=1e-3, freeze_model=True, step_mode="network", step_head=head,
+                    noise=0.02, noise_anneal=0.5, variable_stop=True, stop_frames_range=(4, 8), clip_norm=None,
+                    prox_weight=0.1)
+    res = run_pipeline(cfg)
+    assert res["force_l2"]["bptt"] == res["force_l2"]["pretrained"]  # frozen: the same forces exactly
+    assert res["finetune"]["freeze_model"] and res["finetune"]["clip_norm"] is None
+    assert res["finetune"]["step_head"]["output_init"] == "random"
+    rows = [r for r in csv.DictReader(open(Path(cfg.run_dir) / "metrics.csv")) if r["stage"] == "bptt"]
+    assert [float(r["noise"]) for r in rows] == pytest.approx([0.02, 0.01])
+    # The baselines are those of the same run without any of the training-only options.
+    plain = run_pipeline(dataclasses.replace(cfg, run_dir=str(tmp_path / "plain"),
+                                             finetune=FinetuneConfig(epochs=0)))
+    assert res["constant_step_grid"] == plain["constant_step_grid"]
+    with pytest.raises(ValueError, match="finetune.noise"):
+        run_pipeline(dataclasses.replace(cfg, relax=RelaxConfig(max_frames=8, noise=0.01)))

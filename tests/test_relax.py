@@ -195,3 +195,23 @@ def test_relax_config_validation():
     with pytest.raises(ValueError, match="rollout mode"):
         center, start, free = _setup()
         rollout(descent(harmonic(center, [1, 1, 1]), 0.1, free), start, free, mode="bogus")
+
+
+@pytest.mark.parametrize("grad_mode", ["full", "truncated", "implicit"])
+def test_traced_stop_rule_equals_the_static_one(grad_mode):
+    """A traced frame limit and tolerance stop exactly where the same static rule does, in scan and while
+    modes and the windowed gradient modes, with one compiled program for every limit."""
+    center, start, free = _setup()
+    k = jnp.array([0.5, 1.0, 2.0])
+    rule = descent(harmonic(center, k), 0.3, free)
+    traced = jax.jit(lambda tol, limit, mode: rollout(rule, start, free, max_frames=30, tol=tol, mode=mode,
+                                                      grad_mode=grad_mode, window=2, frame_limit=limit),
+                     static_argnames="mode")
+    for limit, tol in [(4, 0.0), (9, 1e-2), (30, 1e-3)]:
+        ref = rollout(rule, start, free, max_frames=limit, tol=tol)
+        for mode in ("scan", "while"):
+            res = traced(jnp.float32(tol), jnp.int32(limit), mode)
+            np.testing.assert_array_equal(np.asarray(res.frames), np.asarray(ref.frames))
+            np.testing.assert_allclose(np.asarray(res.positions), np.asarray(ref.positions), rtol=1e-6, atol=1e-6)
+            np.testing.assert_array_equal(np.asarray(res.converged), np.asarray(ref.converged))
+    assert traced._cache_size() == 2  # one program per mode, whatever the limit and tolerance

@@ -9,9 +9,13 @@ For a structure X with predicted forces F::
     h1 = LN(h0 + MLP(h0))
     s = W h1 + b                         one step size per structure
 
-The output layer starts with zero weights and bias ``init_step`` (``output="exp"``: its logarithm,
-``"softplus"``: its softplus inverse), so the head initially returns exactly ``init_step``: the paper's
-"constant-output initialisation", which it obtains by pretraining on noise, reached here analytically.
+With ``output_init="constant"`` the output layer starts with zero weights and bias ``init_step`` (``output="exp"``:
+its logarithm, ``"softplus"``: its softplus inverse), so the head initially returns exactly ``init_step``: the
+paper's "constant-output initialisation", which it obtains by pretraining on noise, reached here
+analytically. ``output_init="random"`` is the paper's other initialisation: the output weights are drawn like every
+other layer's (LeCun normal), so the initial step size varies from structure to structure around
+``init_step`` (with ``"exp"``, by a factor of about e^±1: the bias stays at ``init_step``, since a zero bias
+would start every relaxation at η = 1).
 ``"linear"`` is the paper's head; ``"exp"`` (what :class:`~bptt_jax.bptt.BPTT` uses) keeps every step size
 positive however training moves the head, and its parameters move η by relative amounts.
 """
@@ -39,6 +43,7 @@ class StepHead(nn.Module):
     init_step: float = 0.077
     output: str = "linear"  # the paper's; "exp" or "softplus": always positive
     force_scale: float = 1.0  # multiplies forces (eV/Å) before they enter Z
+    output_init: str = "constant"  # constant: returns init_step exactly at first | random: output weights drawn
 
     @nn.compact
     def __call__(self, batch: Batch, forces: Array, deterministic: bool = True) -> Array:
@@ -71,7 +76,10 @@ class StepHead(nn.Module):
             bias = float(np.log(self.init_step))
         else:
             raise ValueError(f"unknown output {self.output!r}; expected linear, exp or softplus")
-        s = nn.Dense(1, kernel_init=nn.initializers.zeros, bias_init=nn.initializers.constant(bias),
+        if self.output_init not in ("constant", "random"):
+            raise ValueError(f"unknown step-head output_init {self.output_init!r}; expected constant or random")
+        kernel_init = nn.initializers.zeros if self.output_init == "constant" else nn.initializers.lecun_normal()
+        s = nn.Dense(1, kernel_init=kernel_init, bias_init=nn.initializers.constant(bias),
                      name="out")(h1)[:, 0, 0]
         if self.output == "softplus":
             return nn.softplus(s)
