@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 import traceback
@@ -136,9 +137,10 @@ class Context:
         total = sum(r.wall_s for r in runs)
         lines = [f"# {title}", "", f"Command: `python -m experiments.paper {name}`"
                  + (f" (preset `{self.preset}`)" if self.preset != "cpu" else ""), "",
-                 f"Machine: {cpu_name()}; written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. "
-                 f"Wall time of the runs it uses: {total / 60:.1f} min ({len(runs)} runs; this command took "
-                 f"{seconds / 60:.1f} min, reusing the runs other items had made). Seed 0, one run per row.", ""]
+                 f"Machine: {cpu_name()}, {os.cpu_count()} cores; written "
+                 f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC. Wall time of its runs: {total / 60:.1f} min "
+                 f"({len(runs)} run{'s' if len(runs) != 1 else ''}); this report took {seconds / 60:.1f} min, as "
+                 "runs another item had made are reused. Seed 0, one run per row.", ""]
         lines += body
         lines += ["", "## Runs", "", "| run | wall time | command |", "| --- | --- | --- |"]
         for r in runs:
