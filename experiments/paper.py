@@ -83,7 +83,8 @@ class Context:
     def __init__(self, preset: str, runs_dir: Path, out_dir: Path, extra: list[str] = ()):
         self.preset, self.out_dir, self.extra = preset, out_dir, list(extra)
         self.root = runs_dir / preset
-        self.used: list[Run] = []
+        self.used: list[Run] = []  # by the item being made
+        self.every: dict[Path, Run] = {}  # by every item of this invocation
 
     # -- runs ---------------------------------------------------------------------------------------
 
@@ -128,6 +129,7 @@ class Context:
             log.info("  done in %.0f s: %s", wall, _fmt(results["avg_dq"]["bptt"]))
         if all(r.path != run.path for r in self.used):
             self.used.append(run)
+        self.every[run.path] = run
         return run
 
     # -- reports ------------------------------------------------------------------------------------
@@ -440,10 +442,10 @@ def _start_run(ctx: Context, factor: float) -> Run:
 def fig2a(ctx: Context) -> list[str]:
     runs = {f: _start_run(ctx, f) for f in FIG2A_FACTORS}
     base = ctx.base()
-    rows = [[f"{f:g}× ({r.results['step_size_initial']:.4g})", _fmt(r.curve()[0]), _fmt(r.avg()),
+    rows = [[f"{f:.3g}× ({r.results['step_size_initial']:.4g})", _fmt(r.curve()[0]), _fmt(r.avg()),
              f"{r.results['step_size_final']:.4g}", _kept(r)] for f, r in runs.items()]
     _curves(ctx.png("fig2a"), "Fig. 2a: learned step from different starts (test)",
-            {f"start {f:g}× best": r.curve() for f, r in runs.items()}, _metric(base),
+            {f"start {f:.3g}× best": r.curve() for f, r in runs.items()}, _metric(base),
             {"best constant step (test grid)": base.avg("constant_step")})
     return ["Paper: started far from the grid-searched step, BPTT reaches near identical performance (figure; no "
             "numbers given).", ""] + _table(
@@ -613,11 +615,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     total = time.time() - t0
     log.info("%d item(s) in %.1f min%s", len(names), total / 60, f"; failed: {', '.join(failed)}" if failed else "")
     if len(names) > 1:
-        (out / "TIMING.md").write_text(
-            f"`python -m experiments.paper {' '.join(args.names)}` (preset {args.preset}) on {cpu_name()}, "
-            f"{datetime.now(timezone.utc):%Y-%m-%d}: {total / 60:.1f} min for {len(names)} items"
-            + (f" (failed: {', '.join(failed)})" if failed else "") + ".\n")
+        (out / "TIMING.md").write_text(timing_report(ctx, args.names, names, total, failed))
     return 1 if failed else 0
+
+
+def timing_report(ctx: Context, argv_names: list[str], names: list[str], seconds: float, failed: list[str]) -> str:
+    """TIMING.md: what the items cost from scratch (the wall time of every run they use, each counted once, as
+    recorded when it ran) and what this invocation took (less when finished runs were reused)."""
+    runs = sorted(ctx.every.values(), key=lambda r: str(r.path))
+    total = sum(r.wall_s for r in runs)
+    lines = [f"# Timing of `python -m experiments.paper {' '.join(argv_names)}`", "",
+             f"Machine: {cpu_name()}, {os.cpu_count()} cores; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; "
+             f"preset {ctx.preset}.", "",
+             f"- {len(names)} items use {len(runs)} pipeline runs; their wall times, recorded as each ran, add up "
+             f"to **{total / 3600:.1f} h** (`make experiments` from scratch on this machine).",
+             f"- This invocation took {seconds / 60:.1f} min; it reused {sum(r.reused for r in runs)} finished runs."]
+    if failed:
+        lines.append(f"- Failed: {', '.join(failed)}.")
+    lines += ["", "| run | wall time |", "| --- | --- |"]
+    lines += [f"| `{r.path.relative_to(ctx.root)}` | {r.wall_s / 60:.1f} min |" for r in runs]
+    return "\n".join(lines) + "\n"
 
 
 def _xla_flags(sets: list[str]) -> None:
