@@ -232,7 +232,7 @@ class BPTT:
     def rollout(self, params: Params, batch: Batch, key: Optional[Array] = None, *, mode: str = "scan",
                 record: bool = False, adjoint_probe: Optional[Array] = None,
                 max_frames: Optional[int] = None, overrides: Optional[RolloutOverrides] = None) -> RolloutResult:
-        """Relax ``batch`` with the model (traceable; differentiable in scan mode per ``relax.grad_mode``).
+        """Relax ``batch`` with the model (traceable; differentiable in scan mode by ``relax.method``).
 
         ``max_frames`` (static) overrides ``relax.max_frames`` for this call; ``overrides`` (traced) adds a
         training step's noise and stop rule (:meth:`training_overrides`)."""
@@ -270,7 +270,7 @@ class BPTT:
     @property
     def uses_adjoint(self) -> bool:
         """Whether gradients include an implicit (adjoint) solve, whose residual a train step reports."""
-        return self.relax.grad_mode in ("implicit", "guided")
+        return self.relax.method.uses_adjoint
 
     def loss(self, params: Params, batch: Batch, key: Optional[Array] = None,
              ref_params: Optional[Params] = None, adjoint_probe: Optional[Array] = None,
@@ -315,7 +315,7 @@ class BPTT:
         ``train_step``): the frames an early-exit forward pass of ``batch`` needs, rounded up to a multiple of
         ``relax.length_quantum``. Works on sharded inputs as well (:func:`bptt_jax.parallel.shard_fit_step`)."""
         q = self.relax.length_quantum
-        if q <= 0 or self.relax.grad_mode not in ("full", "remat"):
+        if q <= 0 or self.relax.method.early_exit:
             return None
         _, key = jax.random.split(state.rng)
         needed = int(self._frames_needed(state.params, batch, key, state.step))
