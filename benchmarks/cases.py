@@ -189,6 +189,7 @@ def _data_parallel(spec: dict, jax, batch):
 
 def _relax_config(spec: dict, mode: str, frames: int, **extra):
     """RelaxConfig for a fixed-length benchmark relaxation with gradient mode ``mode``."""
+    from bptt_jax import relax
     from bptt_jax.relax import RelaxConfig
 
     kw = dict(max_frames=frames, tol=0.0, step_mode="fixed", step_size=spec.get("step_size", 0.01),
@@ -199,7 +200,9 @@ def _relax_config(spec: dict, mode: str, frames: int, **extra):
     fields = {f.name for f in dataclasses.fields(RelaxConfig)}
     if "grad_mode" in fields:
         kw["grad_mode"] = mode
-        if mode in ("implicit", "guided") and "adjoint_unconverged" in fields:
+        methods = getattr(relax, "REGISTRY", None)  # older versions: no registry, two adjoint modes
+        uses_adjoint = methods[mode].uses_adjoint if methods else mode in ("implicit", "guided")
+        if uses_adjoint and "adjoint_unconverged" in fields:
             # tol=0: nothing converges; "solve" runs the adjoint solve anyway, so its cost is measured.
             kw["adjoint_unconverged"] = "solve"
     elif mode == "remat":

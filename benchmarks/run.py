@@ -38,10 +38,11 @@ REQUIRED_KEYS = ("name", "impl", "mode", "batch", "atoms", "frames", "d_model", 
 
 
 def _grad_modes() -> tuple[str, ...]:
-    """The gradient modes of the BPTT step: ``relax.GRAD_MODES``, or ``full`` + ``remat`` (the older flag)."""
+    """The gradient modes of the BPTT step: the names in ``relax.REGISTRY`` (older versions: ``relax.GRAD_MODES``,
+    or ``full`` + ``remat``, the older flag)."""
     from bptt_jax import relax
 
-    modes = tuple(getattr(relax, "GRAD_MODES", ("full",)))
+    modes = tuple(getattr(relax, "REGISTRY", None) or getattr(relax, "GRAD_MODES", ("full",)))
     if "remat" not in modes:
         modes = modes + ("remat",)
     return modes

@@ -4,7 +4,8 @@ The public API, one concept per module:
 
 - :mod:`bptt_jax.structures`: ``Structure`` (host), ``Batch`` (device pytree), padding, minimum image.
 - :mod:`bptt_jax.models`: ADAPT, ResMLP and the step-size head (Flax; pure ``apply``).
-- :mod:`bptt_jax.relax`: update rules as ``(init_fn, step_fn)`` pairs and scan / while rollouts.
+- :mod:`bptt_jax.relax`: update rules as ``(init_fn, step_fn)`` pairs, scan / while rollouts under one stop rule,
+  and gradient methods (how a rollout is differentiated) as small objects.
 - :mod:`bptt_jax.losses`: Dq, MSE and force errors.
 - :mod:`bptt_jax.bptt`: parameters, the rollout loss and the jitted BPTT train step.
 - :mod:`bptt_jax.inference`: ``relax_many``, bucketed in-flight relaxation of many structures.

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, Callable, ClassVar, NamedTuple, Optional, Union
 
 import flax.linen as nn
 import flax.struct
@@ -111,6 +111,85 @@ def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
     return optax.chain(*clip, optax.multi_transform(transforms, labels))
 
 
+# ----------------------------------------------------------------------------------------------------
+# Step sizes: how η of the update rule is parameterised (RelaxConfig.step_mode)
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedStep:
+    """A constant step size η = ``value`` (Å²/eV); no parameters."""
+
+    value: float
+    trainable: ClassVar[bool] = False
+
+    def init_params(self, key: Array, batch: Batch, start: Optional[float] = None) -> Params:
+        return {}
+
+    def scalar(self, params: Params) -> Optional[Array]:
+        return jnp.asarray(self.value)
+
+    def for_rule(self, params: Params, batch: Batch, dropout: bool):
+        return self.value
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnedStep:
+    """A trainable scalar η = exp(``params["log_step_size"]``), starting at ``init`` (Å²/eV): positive by
+    construction, however far training pushes it."""
+
+    init: float
+    trainable: ClassVar[bool] = True
+
+    def init_params(self, key: Array, batch: Batch, start: Optional[float] = None) -> Params:
+        eta = self.init if start is None else start
+        if not eta > 0:
+            raise ValueError(f"a learned step size starts from a positive value, not {eta}")
+        return {"log_step_size": jnp.log(jnp.asarray(eta, batch.positions.dtype))}
+
+    def scalar(self, params: Params) -> Optional[Array]:
+        return jnp.exp(params["log_step_size"])
+
+    def for_rule(self, params: Params, batch: Batch, dropout: bool):
+        return jnp.exp(params["log_step_size"])
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkStep:
+    """The App. B step-size head: η per structure and frame from the positions and forces,
+    ``head.apply(params["step_head"], batch, forces)``; no single scalar."""
+
+    head: StepHead
+    trainable: ClassVar[bool] = True
+
+    def init_params(self, key: Array, batch: Batch, start: Optional[float] = None) -> Params:
+        return {"step_head": self.head.init(key, batch, jnp.zeros_like(batch.positions))}
+
+    def scalar(self, params: Params) -> Optional[Array]:
+        return None
+
+    def for_rule(self, params: Params, batch: Batch, dropout: bool) -> Callable[[Array, Array, Array], Array]:
+        def step_size(R, F, k):
+            b = batch.replace(positions=R)
+            if dropout:
+                return self.head.apply(params["step_head"], b, F, deterministic=False, rngs={"dropout": k})
+            return self.head.apply(params["step_head"], b, F)
+        return step_size
+
+
+StepSize = Union[FixedStep, LearnedStep, NetworkStep]
+"""How η is parameterised: ``init_params`` (the parameters it adds), ``scalar`` (the current η, None for a
+head), ``for_rule`` (the ``step_size`` argument of :func:`~bptt_jax.relax.make_rule`) and ``trainable``."""
+
+
+def make_step(config: RelaxConfig, head: Optional[StepHead] = None) -> StepSize:
+    """The step size ``config.step_mode`` names, starting at ``config.step_size`` (``head``: the network's)."""
+    if config.step_mode == "learned":
+        return LearnedStep(config.step_size)
+    if config.step_mode == "network":
+        return NetworkStep(StepHead(init_step=config.step_size, output="exp") if head is None else head)
+    return FixedStep(config.step_size)
+
+
 @flax.struct.dataclass
 class TrainState:
     """Everything that changes during training: parameters, optimiser state, step count, PRNG key."""
@@ -136,6 +215,9 @@ class BPTT:
       relax: the relaxation (update rule, step-size mode, stop rule).
       optim: the MLIP-level optimiser and loss.
       step_head: the App. B step-size head, used when ``relax.step_mode == "network"``.
+
+    ``bptt.step`` is the step size ``relax.step_mode`` names (:func:`make_step`): :class:`FixedStep`,
+    :class:`LearnedStep` or :class:`NetworkStep`.
     """
 
     model: nn.Module
@@ -144,14 +226,16 @@ class BPTT:
     step_head: Optional[StepHead] = None
 
     def __post_init__(self):
-        if self.optim.freeze_model and self.relax.step_mode == "fixed":
+        step = make_step(self.relax, self.step_head)
+        if self.optim.freeze_model and not step.trainable:
             raise ValueError("freeze_model with a fixed step size leaves nothing to train; use a learned step "
                              "size (step_mode learned or network)")
         if self.optim.stop_frames_range is not None and self.optim.stop_frames_range[1] > self.relax.max_frames:
             raise ValueError(f"stop_frames_range {self.optim.stop_frames_range} exceeds max_frames "
                              f"{self.relax.max_frames}")
-        if self.relax.step_mode == "network" and self.step_head is None:
-            object.__setattr__(self, "step_head", StepHead(init_step=self.relax.step_size, output="exp"))
+        if isinstance(step, NetworkStep) and self.step_head is None:
+            object.__setattr__(self, "step_head", step.head)
+        object.__setattr__(self, "step", step)  # how η is parameterised: FixedStep, LearnedStep or NetworkStep
         # Jitted entry points; the instance is captured by closure, so each shape compiles once.
         object.__setattr__(self, "train_step", jax.jit(self._train_step))
         object.__setattr__(self, "_train_step_frames", jax.jit(self._train_step, static_argnames=("n_frames",)))
@@ -177,26 +261,14 @@ class BPTT:
         return params
 
     def _add_step_params(self, params: Params, key: Array, batch: Batch, step_size: Optional[float] = None) -> None:
-        dtype = batch.positions.dtype
-        if self.relax.step_mode == "learned":
-            # η = exp(log η): positive by construction, however far training pushes it.
-            eta = self.relax.step_size if step_size is None else step_size
-            if not eta > 0:
-                raise ValueError(f"a learned step size starts from a positive value, not {eta}")
-            params["log_step_size"] = jnp.log(jnp.asarray(eta, dtype))
-        elif self.relax.step_mode == "network":
-            params["step_head"] = self.step_head.init(key, batch, jnp.zeros_like(batch.positions))
+        params.update(self.step.init_params(key, batch, step_size))
 
     def init_state(self, params: Params, key: Array) -> TrainState:
         return TrainState(params, make_optimizer(self.optim).init(params), jnp.zeros((), jnp.int32), key)
 
     def step_size(self, params: Params) -> Optional[Array]:
         """The current scalar step size (fixed or learned); None for the network head."""
-        if self.relax.step_mode == "learned":
-            return jnp.exp(params["log_step_size"])
-        if self.relax.step_mode == "fixed":
-            return jnp.asarray(self.relax.step_size)
-        return None
+        return self.step.scalar(params)
 
     # -- relaxation ---------------------------------------------------------------------------------
 
@@ -215,24 +287,14 @@ class BPTT:
         def force_fn(R, k):
             return self.forces(params, batch.replace(positions=R), k if use_dropout else None)
 
-        step_size = None
-        if self.relax.step_mode == "learned":
-            step_size = jnp.exp(params["log_step_size"])
-        elif self.relax.step_mode == "network":
-            def step_size(R, F, k):  # noqa: E306
-                b = batch.replace(positions=R)
-                if use_dropout:
-                    return self.step_head.apply(params["step_head"], b, F, deterministic=False,
-                                                rngs={"dropout": k})
-                return self.step_head.apply(params["step_head"], b, F)
-
+        step_size = self.step.for_rule(params, batch, use_dropout)
         return relax_lib.make_rule(self.relax, force_fn, batch.free_mask, step_size,
                                    0.0 if extra_noise is None else extra_noise)
 
     def rollout(self, params: Params, batch: Batch, key: Optional[Array] = None, *, mode: str = "scan",
                 record: bool = False, adjoint_probe: Optional[Array] = None,
                 max_frames: Optional[int] = None, overrides: Optional[RolloutOverrides] = None) -> RolloutResult:
-        """Relax ``batch`` with the model (traceable; differentiable in scan mode per ``relax.grad_mode``).
+        """Relax ``batch`` with the model (traceable; differentiable in scan mode by ``relax.method``).
 
         ``max_frames`` (static) overrides ``relax.max_frames`` for this call; ``overrides`` (traced) adds a
         training step's noise and stop rule (:meth:`training_overrides`)."""
@@ -270,7 +332,7 @@ class BPTT:
     @property
     def uses_adjoint(self) -> bool:
         """Whether gradients include an implicit (adjoint) solve, whose residual a train step reports."""
-        return self.relax.grad_mode in ("implicit", "guided")
+        return self.relax.method.uses_adjoint
 
     def loss(self, params: Params, batch: Batch, key: Optional[Array] = None,
              ref_params: Optional[Params] = None, adjoint_probe: Optional[Array] = None,
@@ -315,7 +377,7 @@ class BPTT:
         ``train_step``): the frames an early-exit forward pass of ``batch`` needs, rounded up to a multiple of
         ``relax.length_quantum``. Works on sharded inputs as well (:func:`bptt_jax.parallel.shard_fit_step`)."""
         q = self.relax.length_quantum
-        if q <= 0 or self.relax.grad_mode not in ("full", "remat"):
+        if q <= 0 or self.relax.method.early_exit:
             return None
         _, key = jax.random.split(state.rng)
         needed = int(self._frames_needed(state.params, batch, key, state.step))
@@ -352,8 +414,8 @@ class BPTT:
             "diverged": jnp.sum(aux["diverged"] & smask),
             "converged": jnp.sum(aux["converged"] & smask),
         }
-        if self.relax.step_mode == "learned":
-            metrics["step_size"] = self.step_size(params)
+        if isinstance(self.step, LearnedStep):
+            metrics["step_size"] = self.step.scalar(params)
         if overrides is not None:
             for name, value in overrides._asdict().items():
                 if value is not None:

@@ -108,23 +108,13 @@ class Slots:
     Attributes:
       batch: the structures in the slots (``positions`` are their *start* positions).
       state: the update rule's state (current positions etc.).
-      done: (B,) stopped by tolerance or divergence, or the slot holds nothing to relax.
-      frames: (B,) frames taken by the slot's current structure.
-      converged, diverged: (B,) why it stopped.
+      status: the :class:`~bptt_jax.relax.Status` of each slot's structure under the library's stop rule;
+        ``done`` also when it used its frame budget ``relax.max_frames``, or the slot holds nothing to relax.
     """
 
     batch: Batch
     state: Any
-    done: Array
-    frames: Array
-    converged: Array
-    diverged: Array
-
-
-def _select(mask: Array, new, old):
-    def sel(n, o):
-        return jnp.where(mask.reshape(mask.shape + (1,) * (n.ndim - 1)), n, o)
-    return jax.tree_util.tree_map(sel, new, old)
+    status: relax_lib.Status
 
 
 class InFlightRelaxer:
@@ -151,58 +141,42 @@ class InFlightRelaxer:
         state = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         b = batch.positions.shape[0]
         empty = jax.tree_util.tree_map(jnp.zeros_like, batch)
-        return Slots(empty, state, jnp.ones((b,), bool), jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool),
-                     jnp.zeros((b,), bool))
+        return Slots(empty, state, relax_lib.Status(jnp.ones((b,), bool), jnp.zeros((b,), jnp.int32),
+                                                    jnp.zeros((b,), bool), jnp.zeros((b,), bool)))
 
     def _advance(self, params: Params, slots: Slots, fresh: Batch, keys: Array, replace: Array, limit: Array,
                  want: Array):
         cfg = self.bptt.relax
-        batch = _select(replace, fresh, slots.batch)
+        batch = relax_lib.select(replace, fresh, slots.batch)
         rule = self.bptt.update_rule(params, batch)
         free_mask = batch.free_mask
-        free = free_mask[..., None]
-        # Fresh state per replaced slot, exactly as init_fn gives it to a structure relaxed alone.
+        # Fresh state and status per replaced slot, exactly as a structure relaxed alone starts.
         init = jax.vmap(lambda p, k: rule.init_fn(p[None], k))(fresh.positions, keys)
         init = jax.tree_util.tree_map(lambda x: x[:, 0], init)
-        state = _select(replace, init, slots.state)
-        empty = jnp.sum(free_mask, axis=-1) == 0
-        done = jnp.where(replace, empty, slots.done)
-        zero = jnp.zeros_like(slots.frames)
-        frames = jnp.where(replace, zero, slots.frames)
-        converged = slots.converged & ~replace
-        diverged = slots.diverged & ~replace
+        state = relax_lib.select(replace, init, slots.state)
+        status = relax_lib.select(replace, relax_lib.initial_status(free_mask), slots.status)
         start = batch.positions
         # Slots whose finishing the host waits for (the ones that hold a structure).
-        watch = ~done & (frames < cfg.max_frames)
-
-        def finished(done, frames):
-            return done | (frames >= cfg.max_frames)
+        watch = ~status.done
 
         def cond(c):
-            i, _, done, frames, _, _, _ = c
-            fin = finished(done, frames)
-            return (i < limit) & ~jnp.all(fin) & (jnp.sum(fin & watch) < want)
+            i, _, status, _ = c
+            return (i < limit) & ~jnp.all(status.done) & (jnp.sum(status.done & watch) < want)
 
         def body(c):
-            i, state, done, frames, converged, diverged, work = c
-            active = ~finished(done, frames)
+            i, state, status, work = c
             new = rule.step_fn(state)
-            R_new = new.positions
-            move = relax_lib.rms_movement(jnp.where(free, R_new - state.positions, 0.0), free_mask)
-            drift = relax_lib.rms_movement(jnp.where(free, R_new - start, 0.0), free_mask)
-            finite = jnp.all(jnp.isfinite(R_new) | ~free, axis=(-2, -1))
-            bad = ~finite | ~(drift <= cfg.diverge_distance)
-            ok = active & ~bad
-            hit_tol = ok & (move < cfg.tol)
-            return (i + 1, _select(ok, new, state), done | (active & bad) | hit_tol, frames + active,
-                    converged | hit_tol, diverged | (active & bad), work + jnp.sum(active, dtype=jnp.int32))
+            # The frame budget is per slot: slots start at different loop iterations.
+            accept, next_status = relax_lib.stop_rule(status, state.positions, new.positions, start, free_mask,
+                                                      cfg.tol, cfg.diverge_distance, cfg.max_frames)
+            return (i + 1, relax_lib.select(accept, new, state), next_status,
+                    work + jnp.sum(~status.done, dtype=jnp.int32))
 
-        carry = (jnp.int32(0), state, done, frames, converged, diverged, jnp.int32(0))
-        n_iter, state, done, frames, converged, diverged, work = jax.lax.while_loop(cond, body, carry)
+        n_iter, state, status, work = jax.lax.while_loop(cond, body, (jnp.int32(0), state, status, jnp.int32(0)))
         loss = None
         if batch.target_positions is not None:
             loss = structure_loss(self.bptt.optim.loss, state.positions, batch)
-        return Slots(batch, state, done, frames, converged, diverged), n_iter, work, loss
+        return Slots(batch, state, status), n_iter, work, loss
 
 
 @functools.lru_cache(maxsize=16)
@@ -325,11 +299,9 @@ def relax_many(
             slots, n_iter, work, loss = relaxer.advance(params, slots, fresh, slot_keys, put(replace),
                                                         np.int32(limit), np.int32(want))
             chunks += 1
-            done, frames, converged, diverged, n_iter, work, loss = jax.device_get(
-                (slots.done, slots.frames, slots.converged, slots.diverged, n_iter, work, loss))
+            (fin, frames, converged, diverged), n_iter, work, loss = jax.device_get((slots.status, n_iter, work, loss))
             model_calls += int(n_iter)
             work_total += int(work)
-            fin = np.asarray(done) | (np.asarray(frames) >= max_frames)
             harvest = [j for j in range(batch_size) if occupant[j] >= 0 and fin[j]]
             if harvest:
                 positions = np.asarray(jax.device_get(slots.state.positions))

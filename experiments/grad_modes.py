@@ -32,14 +32,22 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from bptt_jax.relax import REGISTRY, method_fields
 from bptt_jax.runtime import CPU_XLA_FLAGS, add_xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "results" / "grad_modes"
-MODES = ("full", "remat", "truncated", "implicit", "guided", "first_order")
+MODES = tuple(REGISTRY)  # every gradient method, in registry order
 WINDOW = 10
 SAMPLES = 32  # first_order: frames per structure whose parameter derivative is evaluated (RelaxConfig default)
-WINDOWED = ("truncated", "guided", "first_order")
+WINDOWED = tuple(m for m in MODES if "window" in method_fields(m))
+
+
+def method_options(mode: str, window: Optional[int], samples: int) -> dict:
+    """The RelaxConfig fields of the study's variant of ``mode``: its window, its sampled frames and, for remat,
+    √n checkpointing (``remat_segment=0``); only the options the method takes (RelaxConfig rejects others)."""
+    wanted = {"window": window, "sample_frames": samples, "remat_segment": 0}
+    return {k: v for k, v in wanted.items() if k in method_fields(mode)}
 
 
 def parse_variant(name: str) -> tuple[str, Optional[int], int]:
@@ -105,8 +113,8 @@ def cost_child(mode: str, frames: int, atoms: int, batch: int, repeats: int) -> 
     # tol=0: every mode runs all frames; implicit/guided then solve the adjoint for every structure anyway
     # (adjoint_unconverged="solve"), so their rows are the cost of a real solve.
     relax = RelaxConfig(step_size=0.005, step_mode="learned", max_frames=frames, tol=0.0, skip_converged=False,
-                        grad_mode=mode, remat_segment=0 if mode == "remat" else 1,
-                        adjoint_unconverged="solve",
+                        grad_mode=mode, **method_options(mode, None, SAMPLES),
+                        **({"adjoint_unconverged": "solve"} if REGISTRY[mode].uses_adjoint else {}),
                         # a fresh model's forces drift the cell without end; with the default 5 Å bound the
                         # 216-atom cells were all frozen as diverged by frame ~38 of 200 and the step ran short
                         diverge_distance=float("inf"))
@@ -214,7 +222,7 @@ def run_cosine(args) -> None:
     for name in ["full"] + [v for v in (args.variants or MODES) if v != "full"]:  # full first: the reference
         mode, window, samples = parse_variant(name)
         bp = BPTT(model, RelaxConfig(step_size=eta, step_mode="learned", max_frames=75, tol=1e-3, grad_mode=mode,
-                                     window=window, sample_frames=samples, remat_segment=0))
+                                     **method_options(mode, window, samples)))
         fn = jax.jit(jax.grad(lambda q, b, k: bp.loss(q, b, k)[0]))
         # A fixed key per batch: sampled modes (first_order with samples > 0) draw their frames from it.
         grads[name] = [flat(fn(p, b, jax.random.PRNGKey(i))) for i, (_, b) in enumerate(conv_batches)]
@@ -243,13 +251,14 @@ def _pretrained_eta(args) -> float:
     return float(json.loads((Path(args.pretrained) / "results.json").read_text())["constant_step_best"])
 
 
-def _finetune(name: str, extra: list[str], args, eta: float, window: int, run_dir: Path,
+def _finetune(name: str, mode: str, extra: list[str], args, eta: float, window: int, run_dir: Path,
               samples: int = SAMPLES) -> dict:
-    """Fine-tune the pretrained model with the training CLI (one variant) and read its test results."""
+    """Fine-tune the pretrained model with the training CLI (one variant: gradient method ``mode`` with its
+    window and samples where it takes them) and read its test results."""
+    options = [f"relax.{k}={v}" for k, v in method_options(mode, window, samples).items()]
     cmd = [sys.executable, "-m", "bptt_jax.train", f"model.init_from={Path(args.pretrained).resolve()}",
            f"eval.step_grid=[{eta}]", "eval.fire=false", "progress=false", "plots=false",
-           f"finetune.epochs={args.epochs}", f"relax.window={window}", f"relax.sample_frames={samples}",
-           "relax.remat_segment=0",
+           f"finetune.epochs={args.epochs}", f"relax.grad_mode={mode}", *options,
            f"hydra.run.dir={run_dir}", *extra]
     t0 = time.time()
     if args.reuse and (run_dir / "results.json").exists():  # a finished run of this variant: read it
@@ -268,8 +277,8 @@ def _finetune(name: str, extra: list[str], args, eta: float, window: int, run_di
             "n_test": res["n_test"], "bptt_s": res["wall_s"]["bptt"],
             "seconds_per_bptt_step": res.get("seconds_per_bptt_step"), "epochs": args.epochs,
             "diverged": res["diverged"]["bptt"], "step_size_final": res["step_size_final"],
-            "window": window if any(f"relax.grad_mode={m}" in extra for m in WINDOWED) else None,
-            "samples": samples if "relax.grad_mode=first_order" in extra else None,
+            "window": window if mode in WINDOWED else None,
+            "samples": samples if mode == "first_order" else None,
             "per_structure": per["bptt"], "pretrained": str(args.pretrained), "wall_s": round(time.time() - t0, 1)}
 
 
@@ -282,12 +291,12 @@ def _append(path: Path, row: dict) -> None:
 def run_quality(args) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     eta = _pretrained_eta(args)
-    variants = [(m, [f"relax.grad_mode={m}"]) for m in args.modes]
+    variants = [(m, m, []) for m in args.modes]
     if args.fire:
-        variants.append(("full+fire", ["relax.grad_mode=full", "finetune.rule=fire"]))
-    for name, extra in variants:
+        variants.append(("full+fire", "full", ["finetune.rule=fire"]))
+    for name, mode, extra in variants:
         name = name + args.tag
-        row = _finetune(name, [*extra, *args.set], args, eta, args.window, ROOT / "runs" / "grad_modes" / name)
+        row = _finetune(name, mode, [*extra, *args.set], args, eta, args.window, ROOT / "runs" / "grad_modes" / name)
         _append(OUT / "quality.jsonl", {"part": "quality", **row})
 
 
@@ -306,8 +315,8 @@ def run_seeds(args) -> None:
     for seed in args.seeds:  # seed-major: an interrupted study still holds complete pairs
         for name, mode, w, k in variants:
             run_dir = ROOT / "runs" / "grad_modes" / "seeds" / label / f"{name}-s{seed}"
-            row = _finetune(name, [f"relax.grad_mode={mode}", "finetune.step_mode=fixed", f"seed={seed}", *args.set],
-                            args, eta, w, run_dir, k)
+            row = _finetune(name, mode, ["finetune.step_mode=fixed", f"seed={seed}", *args.set], args, eta, w,
+                            run_dir, k)
             _append(OUT / "seeds.jsonl", {"part": "seeds", "study": label, "variant": name, "seed": seed,
                                           "eta": eta, **row})
 
@@ -406,7 +415,7 @@ def run_report(args) -> None:
                 lines.append(f"| {atoms} | {frames} | {mode} | {r['error'][:70]} | | | "
                              f"{r.get('xla_temp_mb') or 0:.0f} | | | | |")
             else:
-                res = r.get("adjoint_residual") if mode in ("implicit", "guided") else None
+                res = r.get("adjoint_residual") if mode in REGISTRY and REGISTRY[mode].uses_adjoint else None
                 ran = r.get("mean_frames")  # mean frames the last timed step ran (rows from before: not recorded)
                 lines.append(f"| {atoms} | {frames} | {mode} | {r['seconds_per_step']:.2f} | {r['frames_per_s']:.0f} "
                              f"| {r['peak_rss_mb']:.0f} | {r.get('xla_temp_mb') or 0:.0f} | {r['first_step_s']:.1f} "

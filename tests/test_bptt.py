@@ -4,7 +4,7 @@ import numpy as np
 import optax
 import pytest
 
-from bptt_jax.bptt import BPTT, OptimConfig, proximal_term
+from bptt_jax.bptt import BPTT, FixedStep, LearnedStep, NetworkStep, OptimConfig, proximal_term
 from bptt_jax.models import ADAPT, build_model
 from bptt_jax.relax import RelaxConfig
 from bptt_jax.structures import Batch
@@ -241,3 +241,26 @@ def test_clip_norm_none_means_no_clipping():
         np.testing.assert_array_equal(a, b)
     # Clipped, the two gradients weigh the same and Adam's second step reverses; unclipped it does not.
     assert unclipped[1][0] < 0 < clipped[1][0]
+
+
+def test_step_size_objects_per_step_mode(si_pairs):
+    """relax.step_mode names a step-size object: its parameters, its scalar and what the update rule gets."""
+    batch = _batch(si_pairs)
+    model = build_model("adapt", "tiny")
+    key = jax.random.PRNGKey(0)
+    fixed = BPTT(model, RelaxConfig(step_size=0.05, step_mode="fixed"))
+    learned = BPTT(model, RelaxConfig(step_size=0.05, step_mode="learned"))
+    network = BPTT(model, RelaxConfig(step_size=0.05, step_mode="network"))
+    assert fixed.step == FixedStep(0.05) and learned.step == LearnedStep(0.05)
+    assert isinstance(network.step, NetworkStep) and network.step.head is network.step_head
+    assert (fixed.step.trainable, learned.step.trainable, network.step.trainable) == (False, True, True)
+    p_fixed, p_learned, p_network = (b.init_params(key, batch) for b in (fixed, learned, network))
+    assert set(p_fixed) == {"model"} and set(p_learned) == {"model", "log_step_size"}
+    assert set(p_network) == {"model", "step_head"}
+    np.testing.assert_allclose(float(learned.step_size(p_learned)), 0.05, rtol=1e-6)
+    assert float(fixed.step_size(p_fixed)) == pytest.approx(0.05) and network.step_size(p_network) is None
+    assert callable(network.step.for_rule(p_network, batch, False))
+    with pytest.raises(ValueError, match="positive"):
+        learned.with_model_params(p_learned["model"], key, batch, step_size=0.0)
+    with pytest.raises(ValueError, match="nothing to train"):
+        BPTT(model, RelaxConfig(step_mode="fixed"), OptimConfig(freeze_model=True))

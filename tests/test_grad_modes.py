@@ -60,9 +60,11 @@ def _force_fn(theta, box=None):
     return lambda x, key: -jax.grad(energy)(x)
 
 
-def _loss(theta, x0, free, target, grad_mode, box=None, eta=0.1, max_frames=300, tol=1e-8, **kw):
+def _loss(theta, x0, free, target, method, box=None, eta=0.1, max_frames=300, tol=1e-8, **kw):
+    """The loss of a rollout differentiated by ``method`` (a gradient method, or a registry name)."""
+    method = R.from_config(method) if isinstance(method, str) else method
     rule = R.descent(_force_fn(theta, box), eta, free)
-    res = R.rollout(rule, x0, free, max_frames=max_frames, tol=tol, grad_mode=grad_mode, **kw)
+    res = R.rollout(rule, x0, free, max_frames=max_frames, tol=tol, method=method, **kw)
     return jnp.sum(jnp.where(free[..., None], res.positions - target, 0.0) ** 2), res
 
 
@@ -75,12 +77,11 @@ def converged_problem():
         yield x0, free, target, theta, g_full, res
 
 
-@pytest.mark.parametrize("mode,kw", [("implicit", {}), ("implicit", {"adjoint": R.AdjointConfig(solver="neumann")}),
-                                     ("guided", {"window": 5})])
-def test_implicit_and_guided_match_full_bptt_on_a_converged_problem(converged_problem, mode, kw):
+@pytest.mark.parametrize("method", [R.Implicit(), R.Implicit(solver="neumann"), R.Guided(window=5)])
+def test_implicit_and_guided_match_full_bptt_on_a_converged_problem(converged_problem, method):
     x0, free, target, theta, g_full, res_full = converged_problem
     with jax.enable_x64(True):
-        (_, res), g = jax.value_and_grad(_loss, has_aux=True)(theta, x0, free, target, mode, **kw)
+        (_, res), g = jax.value_and_grad(_loss, has_aux=True)(theta, x0, free, target, method)
         np.testing.assert_array_equal(np.asarray(res.frames), np.asarray(res_full.frames))
         np.testing.assert_allclose(np.asarray(res.positions), np.asarray(res_full.positions), atol=1e-12)
         assert _cos(g, g_full) > 0.999
@@ -92,10 +93,10 @@ def test_truncated_gradient_is_exact_when_the_window_covers_the_relaxation(conve
     x0, free, target, theta, g_full, res_full = converged_problem
     with jax.enable_x64(True):
         long = int(res_full.frames.max())
-        g = jax.grad(lambda t: _loss(t, x0, free, target, "truncated", window=long)[0])(theta)
+        g = jax.grad(lambda t: _loss(t, x0, free, target, R.Truncated(window=long))[0])(theta)
         np.testing.assert_allclose(_flat(g), _flat(g_full), rtol=1e-9, atol=1e-12)
         # A short window is a different (biased) gradient, still pointing the same way on this problem.
-        g5 = jax.grad(lambda t: _loss(t, x0, free, target, "truncated", window=5)[0])(theta)
+        g5 = jax.grad(lambda t: _loss(t, x0, free, target, R.Truncated(window=5))[0])(theta)
         assert 0.5 < _cos(g5, g_full) < 1 - 1e-6
 
 
@@ -118,7 +119,7 @@ def test_truncated_gradient_is_bptt_through_the_last_window_frames(converged_pro
             return jnp.sum(jnp.where(free[..., None], res.positions - target, 0.0) ** 2), res
 
         (l_ref, res_ref), g_ref = jax.value_and_grad(by_hand, has_aux=True)(theta)
-        (l, res), g = jax.value_and_grad(_loss, has_aux=True)(theta, x0, free, target, "truncated", window=k)
+        (l, res), g = jax.value_and_grad(_loss, has_aux=True)(theta, x0, free, target, R.Truncated(window=k))
         np.testing.assert_allclose(np.asarray(res_ref.positions), np.asarray(res_full.positions), atol=1e-12)
         np.testing.assert_allclose(np.asarray(res.positions), np.asarray(res_full.positions), atol=1e-12)
         np.testing.assert_array_equal(np.asarray(res.frames), stops)
@@ -130,7 +131,7 @@ def test_truncated_gradient_is_bptt_through_the_last_window_frames(converged_pro
 def test_remat_gradient_equals_full(converged_problem, segment):
     x0, free, target, theta, g_full, res_full = converged_problem
     with jax.enable_x64(True):
-        (_, res), g = jax.value_and_grad(_loss, has_aux=True)(theta, x0, free, target, "remat", segment=segment)
+        (_, res), g = jax.value_and_grad(_loss, has_aux=True)(theta, x0, free, target, R.Remat(segment))
         np.testing.assert_array_equal(np.asarray(res.frames), np.asarray(res_full.frames))
         np.testing.assert_allclose(_flat(g), _flat(g_full), rtol=1e-10, atol=1e-13)
 
@@ -140,7 +141,7 @@ def test_remat_segments_record_the_same_trajectory(converged_problem):
     with jax.enable_x64(True):
         rule = R.descent(_force_fn(theta), 0.1, free)
         full = R.rollout(rule, x0, free, max_frames=40, tol=1e-8, record=True)
-        seg = R.rollout(rule, x0, free, max_frames=40, tol=1e-8, record=True, grad_mode="remat", segment=7)
+        seg = R.rollout(rule, x0, free, max_frames=40, tol=1e-8, record=True, method=R.Remat(segment=7))
         assert seg.trajectory.shape == full.trajectory.shape
         np.testing.assert_allclose(np.asarray(seg.trajectory), np.asarray(full.trajectory), atol=1e-14)
 
@@ -150,12 +151,11 @@ def test_adjoint_residual_is_reported(converged_problem):
     with jax.enable_x64(True):
         probe = jnp.zeros(B)
 
-        def residual(cfg):
-            return jax.grad(lambda q: _loss(theta, x0, free, target, "implicit", adjoint=cfg,
-                                             adjoint_probe=q)[0])(probe)
+        def residual(method):
+            return jax.grad(lambda q: _loss(theta, x0, free, target, method, adjoint_probe=q)[0])(probe)
 
-        good = residual(R.AdjointConfig(tol=1e-8, max_iters=1000))
-        bad = residual(R.AdjointConfig(max_iters=2))
+        good = residual(R.Implicit(tol=1e-8, max_iters=1000))
+        bad = residual(R.Implicit(max_iters=2))
         assert float(good.max()) < 1e-7
         assert float(bad.min()) > 1e-2
 
@@ -178,18 +178,18 @@ def test_translation_zero_modes_are_projected():
                 return jnp.sum(t["s"] * (q + 0.02 * q * q))
             return lambda x, key: -jax.grad(energy)(x)
 
-        def loss(t, mode, **kw):
+        def loss(t, method, **kw):
             res = R.rollout(R.descent(force_fn(t), 0.03, free), x0, free, max_frames=400, tol=1e-9,
-                            grad_mode=mode, **kw)
+                            method=method, **kw)
             return jnp.sum((res.positions - target) ** 2), res
 
-        (_, res), g_full = jax.value_and_grad(loss, has_aux=True)(theta, "full")
+        (_, res), g_full = jax.value_and_grad(loss, has_aux=True)(theta, R.Full())
         assert bool(jnp.all(res.converged))
         probe = jnp.zeros(B)
-        cfg = R.AdjointConfig(max_iters=500, tol=1e-8)
+        cfg = R.Implicit(max_iters=500, tol=1e-8)
 
         def implicit(modes):
-            return jax.grad(lambda t, q: loss(t, "implicit", adjoint=cfg, adjoint_probe=q,
+            return jax.grad(lambda t, q: loss(t, cfg, adjoint_probe=q,
                                               translation_modes=modes)[0], argnums=(0, 1))(theta, probe)
 
         g_proj, r_proj = implicit(jnp.ones(B, bool))
@@ -223,8 +223,10 @@ def test_bptt_train_step_in_every_mode(si_pairs, mode):
     batch = Batch.from_structures([s for s, _ in si_pairs], [t for _, t in si_pairs], batch_size=4)
     model = build_model("adapt", "tiny")
     # A loose tolerance so that structures converge within the budget (the implicit gradient needs that).
+    # Each method's own options only (a window of 3 frames, √n checkpoints): RelaxConfig rejects the others.
+    options = {k: v for k, v in dict(window=3, remat_segment=0).items() if k in R.method_fields(mode)}
     bptt = BPTT(model, RelaxConfig(step_size=0.01, step_mode="learned", max_frames=8, tol=0.05, grad_mode=mode,
-                                   window=3, remat_segment=0))
+                                   **options))
     state = bptt.init_state(bptt.init_params(jax.random.PRNGKey(0), batch), jax.random.PRNGKey(1))
     state, metrics = bptt.train_step(state, batch)
     state, metrics = bptt.train_step(state, batch)
@@ -292,26 +294,26 @@ def test_implicit_gradient_skips_structures_that_did_not_converge(converged_prob
         (_, res), g = jax.value_and_grad(_loss, has_aux=True)(theta, x0, free, target, "implicit", max_frames=5)
         assert not bool(jnp.any(res.converged))
         assert float(jnp.abs(_flat(g)).max()) == 0.0
-        g_guided = jax.grad(lambda t: _loss(t, x0, free, target, "guided", max_frames=5, window=3)[0])(theta)
-        g_trunc = jax.grad(lambda t: _loss(t, x0, free, target, "truncated", max_frames=5, window=3)[0])(theta)
+        g_guided = jax.grad(lambda t: _loss(t, x0, free, target, R.Guided(window=3), max_frames=5)[0])(theta)
+        g_trunc = jax.grad(lambda t: _loss(t, x0, free, target, R.Truncated(window=3), max_frames=5)[0])(theta)
         np.testing.assert_allclose(_flat(g_guided), _flat(g_trunc), rtol=1e-12, atol=1e-14)
 
 
 def test_implicit_solves_unconverged_structures_when_asked(converged_problem):
-    """``AdjointConfig(unconverged="solve")``: a relaxation stopped by the frame budget at (numerically) its
+    """``Implicit(unconverged="solve")``: a relaxation stopped by the frame budget at (numerically) its
     fixed point gets the implicit gradient anyway, which then matches full BPTT; the default skips it."""
     x0, free, target, theta, g_full, _ = converged_problem
     with jax.enable_x64(True):
         def grad(policy):
             return jax.value_and_grad(_loss, has_aux=True)(
-                theta, x0, free, target, "implicit", tol=0.0, adjoint=R.AdjointConfig(unconverged=policy))
+                theta, x0, free, target, R.Implicit(unconverged=policy), tol=0.0)
         (_, res), g_skip = grad("skip")
         assert not bool(jnp.any(res.converged))
         assert float(jnp.abs(_flat(g_skip)).max()) == 0.0
         _, g_solve = grad("solve")
         assert _cos(g_solve, g_full) > 0.999
     with pytest.raises(ValueError, match="unconverged"):
-        R.AdjointConfig(unconverged="maybe")
+        R.Implicit(unconverged="maybe")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -355,8 +357,8 @@ def test_first_order_gradient_is_the_first_order_formula_written_out(converged_p
     x0, free, target, theta, _, res_full = converged_problem
     with jax.enable_x64(True):
         g_ref = _first_order_by_hand(theta, x0, free, target, k)
-        (_, res), g = jax.value_and_grad(_loss, has_aux=True)(theta, x0, free, target, "first_order", window=k,
-                                                             samples=0)
+        (_, res), g = jax.value_and_grad(_loss, has_aux=True)(theta, x0, free, target,
+                                                             R.FirstOrder(window=k, samples=0))
         np.testing.assert_allclose(np.asarray(res.positions), np.asarray(res_full.positions), atol=1e-12)
         np.testing.assert_array_equal(np.asarray(res.frames), np.asarray(res_full.frames))
         np.testing.assert_allclose(_flat(g), _flat(g_ref), rtol=1e-9, atol=1e-12)
@@ -366,7 +368,7 @@ def test_first_order_is_exact_when_the_window_covers_the_relaxation(converged_pr
     x0, free, target, theta, g_full, res_full = converged_problem
     with jax.enable_x64(True):
         long = int(res_full.frames.max())
-        g = jax.grad(lambda t: _loss(t, x0, free, target, "first_order", window=long, samples=4)[0])(theta)
+        g = jax.grad(lambda t: _loss(t, x0, free, target, R.FirstOrder(window=long, samples=4))[0])(theta)
         np.testing.assert_allclose(_flat(g), _flat(g_full), rtol=1e-9, atol=1e-12)
 
 
@@ -376,14 +378,14 @@ def test_first_order_is_exact_for_position_independent_forces():
         x0, free, target, _ = _problem()
         force = jnp.asarray(np.random.default_rng(5).normal(size=(N, 3)))
 
-        def loss(f, mode, **kw):
+        def loss(f, method):
             rule = R.descent(lambda x, key: jnp.broadcast_to(f, x.shape), 0.05, free)
-            res = R.rollout(rule, x0, free, max_frames=20, tol=0.0, grad_mode=mode, **kw)
+            res = R.rollout(rule, x0, free, max_frames=20, tol=0.0, method=method)
             return jnp.sum(jnp.where(free[..., None], res.positions - target, 0.0) ** 2)
 
-        g_full = jax.grad(loss)(force, "full")
-        for kw in ({"window": 0, "samples": 0}, {"window": 3, "samples": 0}):
-            np.testing.assert_allclose(np.asarray(jax.grad(loss)(force, "first_order", **kw)), np.asarray(g_full),
+        g_full = jax.grad(loss)(force, R.Full())
+        for method in (R.FirstOrder(window=0, samples=0), R.FirstOrder(window=3, samples=0)):
+            np.testing.assert_allclose(np.asarray(jax.grad(loss)(force, method)), np.asarray(g_full),
                                        rtol=1e-10)
 
 
@@ -392,7 +394,7 @@ def test_first_order_frame_sampling_is_unbiased(converged_problem):
     x0, free, target, theta, _, _ = converged_problem
     with jax.enable_x64(True):
         def grad(key, samples):
-            return _flat(jax.grad(lambda t: _loss(t, x0, free, target, "first_order", window=3, samples=samples,
+            return _flat(jax.grad(lambda t: _loss(t, x0, free, target, R.FirstOrder(window=3, samples=samples),
                                                   key=key)[0])(theta))
 
         exact = grad(jax.random.PRNGKey(0), 0)
@@ -424,7 +426,7 @@ def test_first_order_in_chunks_equals_all_at_once(converged_problem, chunk):
     x0, free, target, theta, _, _ = converged_problem
     with jax.enable_x64(True):
         def grad(c):
-            return jax.grad(lambda t: _loss(t, x0, free, target, "first_order", window=2, samples=8, sample_chunk=c,
+            return jax.grad(lambda t: _loss(t, x0, free, target, R.FirstOrder(window=2, samples=8, chunk=c),
                                             key=jax.random.PRNGKey(3))[0])(theta)
         np.testing.assert_allclose(_flat(grad(chunk)), _flat(grad(0)), rtol=1e-12, atol=1e-14)
 
@@ -437,3 +439,58 @@ def test_window_defaults_per_mode():
         RelaxConfig(grad_mode="truncated", window=0)
     with pytest.raises(ValueError, match="sample"):
         RelaxConfig(grad_mode="first_order", sample_frames=-1)
+    assert RelaxConfig().window_frames is None and RelaxConfig(grad_mode="implicit").window_frames is None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The registry of gradient methods and their options
+
+
+@pytest.mark.parametrize("name", R.GRAD_MODES)
+def test_registry_round_trip(name):
+    """Every registered method builds from its name, and from its name and its own options back to itself;
+    RelaxConfig builds the same object from the flat Hydra fields."""
+    cls = R.REGISTRY[name]
+    assert cls.name == name and R.from_config(name) == cls()
+    method = cls()
+    options = {k: v for k, v in dataclasses.asdict(method).items() if k != "implicit"}
+    if isinstance(method, R.Guided):
+        options.update(dataclasses.asdict(method.implicit))
+    assert set(options) == set(cls.options())
+    assert R.from_config(name, **options) == method
+    assert RelaxConfig(grad_mode=name).method == method
+    assert (method.uses_adjoint, method.early_exit) == (name in ("implicit", "guided"), name not in ("full", "remat"))
+
+
+def test_relax_config_builds_each_method_with_its_options():
+    assert RelaxConfig(grad_mode="remat", remat_segment=0).method == R.Remat(segment=0)
+    assert RelaxConfig(remat=True).method == R.Remat(segment=1)
+    assert RelaxConfig(grad_mode="truncated", window=7).method == R.Truncated(window=7)
+    cfg = RelaxConfig(grad_mode="guided", window=4, adjoint_solver="neumann", adjoint_tol=1e-6, adjoint_iters=50,
+                      adjoint_damping=0.1, adjoint_unconverged="solve", adjoint_project_translations=False)
+    assert cfg.method == R.Guided(4, R.Implicit(solver="neumann", tol=1e-6, max_iters=50, damping=0.1,
+                                                unconverged="solve", project_translations=False))
+    assert RelaxConfig(grad_mode="first_order", window=2, sample_frames=0, sample_chunk=1).method == \
+        R.FirstOrder(window=2, samples=0, chunk=1)
+    assert R.method_fields("full") == () and R.method_fields("truncated") == ("window",)
+
+
+@pytest.mark.parametrize("kw,key", [
+    (dict(window=5), "relax.window=5"),
+    (dict(grad_mode="truncated", adjoint_solver="neumann"), "relax.adjoint_solver='neumann'"),
+    (dict(grad_mode="implicit", sample_frames=8), "relax.sample_frames=8"),
+    (dict(grad_mode="first_order", remat_segment=0), "relax.remat_segment=0"),
+    (dict(grad_mode="truncated", remat=True), "relax.remat=true"),
+    (dict(grad_mode="implicit", length_quantum=8), "relax.length_quantum=8"),
+])
+def test_an_option_the_method_does_not_take_is_a_one_line_error(kw, key):
+    with pytest.raises(ValueError) as err:
+        RelaxConfig(**kw)
+    message = str(err.value)
+    assert key in message and "\n" not in message, message
+    with pytest.raises(ValueError, match="takes no option 'window'; it takes no options"):
+        R.from_config("full", window=3)
+    with pytest.raises(ValueError, match="takes no option 'samples'"):
+        R.from_config("guided", samples=3)
+    with pytest.raises(ValueError, match="unknown grad_mode"):
+        R.from_config("adjointish")

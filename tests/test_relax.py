@@ -7,7 +7,8 @@ from ase.calculators.calculator import Calculator, all_changes
 from ase.optimize import FIRE
 
 from bptt_jax.models import build_model
-from bptt_jax.relax import RelaxConfig, descent, fire, rollout
+from bptt_jax.relax import (Full, Implicit, RelaxConfig, Remat, Status, Truncated, descent, fire, initial_status,
+                            rollout, stop_rule)
 from bptt_jax.structures import Batch
 
 KEY = jax.random.PRNGKey(0)
@@ -128,7 +129,7 @@ def test_scan_and_while_agree(si_pairs):
     np.testing.assert_array_equal(frames, np.asarray(loop.frames))
     np.testing.assert_array_equal(np.asarray(scan.converged), np.asarray(loop.converged))
     np.testing.assert_allclose(np.asarray(scan.positions), np.asarray(loop.positions), atol=1e-6)
-    plain = rollout(rule, batch.positions, batch.free_mask, skip_converged=False, remat=True, **kw)
+    plain = rollout(rule, batch.positions, batch.free_mask, skip_converged=False, method=Remat(1), **kw)
     np.testing.assert_allclose(np.asarray(plain.positions), np.asarray(scan.positions), atol=1e-6)
 
 
@@ -137,13 +138,13 @@ def test_remat_gives_the_same_gradient(si_pairs):
     model = build_model("adapt", "tiny")
     params = model.init(KEY, batch)
 
-    def loss(p, remat):
+    def loss(p, method):
         rule = descent(lambda R, k: model.apply(p, batch.replace(positions=R)), 0.05, batch.free_mask)
-        res = rollout(rule, batch.positions, batch.free_mask, max_frames=8, tol=0.0, remat=remat)
+        res = rollout(rule, batch.positions, batch.free_mask, max_frames=8, tol=0.0, method=method)
         return jnp.sum((res.positions - batch.target_positions) ** 2)
 
-    g_full = jax.grad(loss)(params, False)
-    g_remat = jax.grad(loss)(params, True)
+    g_full = jax.grad(loss)(params, Full())
+    g_remat = jax.grad(loss)(params, Remat(1))
     for a, b in zip(jax.tree_util.tree_leaves(g_full), jax.tree_util.tree_leaves(g_remat)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
@@ -197,15 +198,15 @@ def test_relax_config_validation():
         rollout(descent(harmonic(center, [1, 1, 1]), 0.1, free), start, free, mode="bogus")
 
 
-@pytest.mark.parametrize("grad_mode", ["full", "truncated", "implicit"])
-def test_traced_stop_rule_equals_the_static_one(grad_mode):
+@pytest.mark.parametrize("method", [Full(), Truncated(window=2), Implicit()])
+def test_traced_stop_rule_equals_the_static_one(method):
     """A traced frame limit and tolerance stop exactly where the same static rule does, in scan and while
     modes and the windowed gradient modes, with one compiled program for every limit."""
     center, start, free = _setup()
     k = jnp.array([0.5, 1.0, 2.0])
     rule = descent(harmonic(center, k), 0.3, free)
     traced = jax.jit(lambda tol, limit, mode: rollout(rule, start, free, max_frames=30, tol=tol, mode=mode,
-                                                      grad_mode=grad_mode, window=2, frame_limit=limit),
+                                                      method=method, frame_limit=limit),
                      static_argnames="mode")
     for limit, tol in [(4, 0.0), (9, 1e-2), (30, 1e-3)]:
         ref = rollout(rule, start, free, max_frames=limit, tol=tol)
@@ -215,3 +216,27 @@ def test_traced_stop_rule_equals_the_static_one(grad_mode):
             np.testing.assert_allclose(np.asarray(res.positions), np.asarray(ref.positions), rtol=1e-6, atol=1e-6)
             np.testing.assert_array_equal(np.asarray(res.converged), np.asarray(ref.converged))
     assert traced._cache_size() == 2  # one program per mode, whatever the limit and tolerance
+
+
+def test_status_fields_and_the_stop_rule_by_hand():
+    """One frame of the stop rule on four structures: one that moves little (converges), one that moves far
+    (diverges), one with NaN positions (diverges, keeps its state), one already done (untouched)."""
+    free = jnp.ones((4, 2), bool)
+    status = initial_status(free)
+    assert isinstance(status, Status) and Status._fields == ("done", "frames", "converged", "diverged")
+    status = status._replace(done=jnp.array([False, False, False, True]), frames=jnp.array([3, 3, 3, 7]))
+    start = jnp.zeros((4, 2, 3))
+    old = start + 0.1
+    new = old + jnp.array([1e-4, 10.0, jnp.nan, 0.5])[:, None, None]
+    accept, after = stop_rule(status, old, new, start, free, tol=1e-3, diverge_distance=5.0)
+    np.testing.assert_array_equal(np.asarray(accept), [True, False, False, False])
+    np.testing.assert_array_equal(np.asarray(after.done), [True, True, True, True])
+    np.testing.assert_array_equal(np.asarray(after.frames), [4, 4, 4, 7])
+    np.testing.assert_array_equal(np.asarray(after.converged), [True, False, False, False])
+    np.testing.assert_array_equal(np.asarray(after.diverged), [False, True, True, False])
+    # A frame budget: a structure that has taken frame_limit frames is done, neither converged nor diverged.
+    moving = status._replace(done=jnp.zeros(4, bool), frames=jnp.array([3, 3, 3, 1]))
+    _, limited = stop_rule(moving, old, old + 0.01, start, free, tol=1e-3, diverge_distance=5.0, frame_limit=4)
+    np.testing.assert_array_equal(np.asarray(limited.done), [True, True, True, False])
+    assert not np.any(np.asarray(limited.converged)) and not np.any(np.asarray(limited.diverged))
+    assert int(initial_status(free.at[2].set(False)).done.sum()) == 1  # no free atom: done from the start
