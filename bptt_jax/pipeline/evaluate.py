@@ -203,6 +203,7 @@ class Evaluator:
 
     @classmethod
     def create(cls, cfg: RunConfig, model, data: Data, key: jax.Array) -> "Evaluator":
+        """The evaluator of a run: ``cfg``'s relaxation, step grid and loss, on ``data``'s splits."""
         mesh = parallel.local_mesh()
         if mesh is not None:
             log.info("test relaxations split over %d local devices", mesh.size)
@@ -249,8 +250,8 @@ class Baselines:
     grid: dict[float, EvalResult]
     best_step: float
     fire: Optional[EvalResult]
-    initial: np.ndarray  # (S,) the loss of the unrelaxed test structures
-    initial_dq: np.ndarray  # (S,) their Dq (for the basin count)
+    initial: np.ndarray  # (S,) the loss of the unrelaxed test structures (Dq in √amu·Å, or MSE in Å²)
+    initial_dq: np.ndarray  # (S,) their Dq (√amu·Å, for the basin count)
     val_grid: dict[float, EvalResult]
     val_step: float
     oracle: Optional[dict[str, Any]]
