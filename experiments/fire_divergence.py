@@ -100,8 +100,8 @@ def analyse(run: Path, exact: bool = True, limit: Optional[int] = None) -> dict:
     from bptt_jax.data.trajectory import SkipLog
     from bptt_jax.models import build_model
     from bptt_jax.oracle import oracle_calculator_for, structure_losses
-    from bptt_jax.pipeline import (generated_dir, load_split, model_buckets, relax_batches, relaxation_items,
-                                   restore_checkpoint)
+    from bptt_jax.pipeline import (generated_dir, load_split, model_buckets, pretrained_dir, relax_batches,
+                                   relaxation_items, restore_checkpoint)
 
     data, mcfg, relax, cfg = _run_config(run)
     model = build_model(mcfg.name, mcfg.preset, **dict(mcfg.overrides))
@@ -110,8 +110,7 @@ def analyse(run: Path, exact: bool = True, limit: Optional[int] = None) -> dict:
     if limit:
         items = items[:limit]
     batches = relax_batches(items, int(cfg["eval"]["batch_size"]), model_buckets(data.buckets, max_atoms))
-    params, _, _ = restore_checkpoint(run / "checkpoints" / "pretrained",
-                                      model.init(jax.random.PRNGKey(0), batches[0][1]))
+    params, _, _ = restore_checkpoint(pretrained_dir(run), model.init(jax.random.PRNGKey(0), batches[0][1]))
     import dataclasses
 
     fire = BPTT(model, dataclasses.replace(relax, rule="fire", step_mode="fixed", max_frames=data.max_frames))

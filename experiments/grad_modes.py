@@ -189,7 +189,8 @@ def run_cosine(args) -> None:
     from bptt_jax.bptt import BPTT
     from bptt_jax.data.trajectory import SkipLog
     from bptt_jax.models import build_model
-    from bptt_jax.pipeline import DataConfig, load_split, relax_batches, relaxation_items, restore_checkpoint
+    from bptt_jax.pipeline import (DataConfig, load_split, pretrained_dir, relax_batches, relaxation_items,
+                                   restore_checkpoint)
     from bptt_jax.relax import RelaxConfig
 
     run = Path(args.pretrained)
@@ -199,7 +200,7 @@ def run_cosine(args) -> None:
     model = build_model("adapt", "small_geo")
     batches = relax_batches(items, 8, data.buckets)
     sample = batches[0][1]
-    params, _, _ = restore_checkpoint(run / "checkpoints" / "pretrained", model.init(jax.random.PRNGKey(0), sample))
+    params, _, _ = restore_checkpoint(pretrained_dir(run), model.init(jax.random.PRNGKey(0), sample))
     eta = float(meta["constant_step_best"])
     base = RelaxConfig(step_size=eta, step_mode="learned", max_frames=75, tol=1e-3)
     p = {"model": params, "log_step_size": jnp.log(jnp.asarray(eta, jnp.float32))}

@@ -1,4 +1,5 @@
-"""The pipeline's data split, model-size buckets, pretraining stop rule and BPTT's best-epoch selection."""
+"""The pipeline's stages in process (what each hands on), its data split, model-size buckets, pretraining stop rule
+and BPTT's best-epoch selection. ``tests/test_train.py`` runs it from the command line."""
 
 import csv
 import dataclasses
@@ -101,6 +102,74 @@ def _tiny_run(tmp_path, cache, **finetune):
         finetune=FinetuneConfig(epochs=2, **finetune),
         eval=EvalConfig(step_grid=(0.01, 0.05), fire=False, oracle=False, force_control=False),
         run_dir=str(tmp_path / "run"), progress=False, plots=False)
+
+
+@pytest.mark.slow
+def test_the_stages_in_order(tmp_path, cli_cache):
+    """run_pipeline's stages called one by one on the tiny run, as run_pipeline calls them: what each hands on, the
+    run directory the report writes from them, and a resume that takes both stages that train from checkpoints."""
+    import jax
+
+    from bptt_jax.pipeline import (Evaluator, baselines, bptt_dir, build_results, equal_compute_control,
+                                   evaluate_tuned, fine_tune, latest_step, load_data, pretrained_dir,
+                                   pretrained_model, write_run)
+    from bptt_jax.pipeline.report import start_run
+
+    cfg = _tiny_run(tmp_path, cli_cache, learning_rate=1e-3)
+    cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, epochs=1),
+                              eval=dataclasses.replace(cfg.eval, force_control=True))
+    run_dir = start_run(cfg)
+    model = cfg.model.build()
+    data = load_data(cfg, getattr(model, "max_atoms", None))
+    # The first 4 of the 10 records are the test split; the last of the 6 training trajectories is BPTT's validation.
+    assert (len(data.test_items), len(data.fit_items), len(data.val_items)) == (4, 5, 1)
+    assert data.val == data.train[-1:] and data.frames and data.sample is data.test_batches[0][1]
+    key = jax.random.PRNGKey(cfg.seed)
+
+    pre = pretrained_model(cfg, model, data, key, run_dir)
+    assert len(pre.history) == 2 and pre.history[-1]["stop"] == "max_epochs"
+    assert latest_step(pretrained_dir(run_dir)) == 0
+
+    ev = Evaluator.create(cfg, model, data, key)
+    base = baselines(cfg, model, ev, pre.params)
+    best = lambda grid: min(grid, key=lambda e: grid[e].avg)  # noqa: E731
+    assert set(base.grid) == set(base.val_grid) == {0.01, 0.05}
+    assert base.best_step == best(base.grid) and base.val_step == best(base.val_grid)
+    assert base.constant_step.per_structure.shape == base.initial.shape == (4,)
+    assert base.fire is None and base.oracle is None  # off in the tiny run
+
+    tuned = fine_tune(cfg, model, ev, pre.params, base.val_step, key, run_dir)
+    (row,) = tuned.metrics
+    assert row["epoch"] == 1 and row["structure_frames"] > 0 and tuned.step_size_initial == base.val_step
+    assert tuned.kept_epoch == (1 if row["val_loss"] < tuned.val_start else 0)
+    assert latest_step(bptt_dir(run_dir)) == 1
+
+    final = evaluate_tuned(ev, tuned.bptt, tuned.params, pre.params)
+    kept_test = row["test_loss"] if tuned.kept_epoch else tuned.test_start
+    assert final.tuned.avg == pytest.approx(kept_test, rel=1e-6)
+    assert all(np.isfinite(final.force_pretrained)) and all(np.isfinite(final.force_tuned))
+    control = equal_compute_control(cfg, model, ev, pre.params, tuned.metrics)
+    assert control.bptt_structure_frames == row["structure_frames"] and control.epochs >= 1
+    assert control.step_size in base.grid
+
+    results = build_results(cfg, data, pre, base, tuned, final, control)
+    write_run(cfg, run_dir, results, pre.history, tuned.metrics)
+    written = json.loads((run_dir / "results.json").read_text())
+    assert written["avg_dq"] == {"initial": pytest.approx(float(base.initial.mean())),
+                                 "constant_step": base.constant_step.avg, "fire": None, "bptt": final.tuned.avg,
+                                 "oracle": None, "force_control": control.result.avg}
+    assert written["bptt_selection"]["kept_epoch"] == tuned.kept_epoch
+    assert list(written["wall_s"]) == ["data", "pretrain", "baselines", "bptt", "evaluate", "force_control"]
+    assert [r["stage"] for r in csv.DictReader(open(run_dir / "metrics.csv"))] == ["pretrain"] * 2 + ["bptt"]
+
+    # Resumed, both stages that train restore what they saved instead of training again.
+    resumed = dataclasses.replace(cfg, resume=True)
+    again = pretrained_model(resumed, model, data, key, run_dir)
+    assert again.history == pre.history
+    jax.tree_util.tree_map(np.testing.assert_array_equal, again.params, pre.params)
+    tuned_again = fine_tune(resumed, model, ev, again.params, base.val_step, key, run_dir)
+    assert tuned_again.metrics == tuned.metrics and tuned_again.kept_epoch == tuned.kept_epoch
+    jax.tree_util.tree_map(np.testing.assert_array_equal, tuned_again.params, tuned.params)
 
 
 @pytest.mark.slow

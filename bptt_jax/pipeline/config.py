@@ -1,0 +1,181 @@
+"""The run's configuration: one typed tree (:class:`RunConfig`) of the stages' settings, and its checks.
+
+:mod:`bptt_jax.train` builds it from the Hydra config (``conf/``); nothing here imports Hydra or omegaconf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from bptt_jax import parallel
+from bptt_jax.models import build_model
+from bptt_jax.relax import RelaxConfig
+from bptt_jax.structures import DEFAULT_BUCKETS
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Where trajectories come from and how they are split and batched.
+
+    ``path`` set: read any supported format (file or directory), at most ``n`` records. Otherwise the
+    offline generator ``name`` with ``preset``/``n``/``seed`` writes (or reuses)
+    ``cache_dir/<name>-<preset>-n<n>-s<seed>`` (``n`` None: the preset's size). The first ``n_test`` records
+    are the test split, counted before anything is filtered (:func:`load_split`).
+    """
+
+    name: str = "si_defects"
+    path: Optional[str] = None
+    format: Optional[str] = None
+    preset: str = "default"
+    n: Optional[int] = None
+    seed: int = 0
+    workers: int = 2
+    cache_dir: str = "data"
+    generator: dict = dataclasses.field(default_factory=dict)  # extra generator parameters
+    strict: bool = False
+    n_test: int = 100
+    max_train: Optional[int] = None  # cap on training trajectories (None = all)
+    buckets: tuple[int, ...] = DEFAULT_BUCKETS
+    loss: str = "dq"  # dq (defects, catalysts) or mse (pure crystals)
+    max_frames: int = 75
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    name: str = "adapt"
+    preset: Optional[str] = "small_geo"
+    overrides: dict = dataclasses.field(default_factory=dict)
+    init_from: Optional[str] = None  # a run directory or checkpoint directory with pretrained params
+    matmul_dtype: str = "float32"  # float32 | bfloat16 (matrix products in bf16, float32 parameters; accelerators)
+
+    def build(self):
+        """The Flax force model this names (:func:`bptt_jax.models.build_model`)."""
+        kw = dict(self.overrides)
+        if self.matmul_dtype != "float32":
+            kw.setdefault("matmul_dtype", self.matmul_dtype)
+        return build_model(self.name, self.preset, **kw)
+
+
+@dataclasses.dataclass
+class PretrainConfig:
+    """Force matching on the flattened frames until the validation force error stops improving.
+
+    The run stops after ``max_epochs``, or after ``patience`` epochs without a relative improvement of
+    ``min_delta`` in the validation force MSE: the same command and seed give the same model on any machine.
+    ``time_budget_s`` adds a wall-clock cap (off by default: a cap makes the model depend on the machine).
+    ``patience=None`` turns the plateau stop off (every run trains ``max_epochs``)."""
+
+    def __post_init__(self):
+        if self.schedule not in ("plateau", "cosine"):
+            raise ValueError(f"pretrain.schedule must be plateau or cosine, not {self.schedule!r}")
+
+    max_epochs: int = 60
+    patience: Optional[int] = 6
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    min_learning_rate: float = 1e-5
+    clip_norm: float = 10.0
+    val_fraction: float = 0.1
+    frame_stride: int = 3  # every k-th frame of each trajectory (neighbouring frames are nearly identical)
+    min_delta: float = 1e-3  # an epoch improves when the validation MSE drops by more than this fraction
+    schedule: str = "plateau"  # plateau: halve the rate when training stalls | cosine: decay over max_epochs
+    time_budget_s: Optional[float] = None  # optional wall-clock cap (s); None: stop by epochs and plateau only
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    """BPTT fine-tuning (paper Sec. 3, App. B-D). The training-only options (``freeze_model``, ``noise``,
+    ``variable_stop``) change the training rollouts, never the evaluation's."""
+
+    epochs: int = 5
+    batch_size: int = 8
+    learning_rate: float = 5e-4
+    clip_norm: Optional[float] = 1.0  # None: no clipping (proximal-only runs, App. C.2)
+    prox_weight: float = 0.0
+    step_mode: str = "learned"  # fixed | learned | network
+    step_head: dict = dataclasses.field(default_factory=dict)  # StepHead options (init, d_model, n_layers, ...)
+    freeze_model: bool = False  # train the step size only; the MLIP stays as pretrained (Fig. 5a)
+    noise: float = 0.0  # σ (Å) of exploration noise in every training frame (App. C.1)
+    noise_anneal: float = 1.0  # the noise's factor per epoch (epoch e: noise · noise_anneal^e)
+    noise_frame_anneal: float = 1.0  # and per frame within a relaxation
+    variable_stop: bool = False  # each training step draws its stop rule (App. C.4)
+    stop_tol_range: tuple[float, float] = (1e-4, 1e-2)  # log-uniform
+    stop_frames_range: tuple[int, int] = (50, 75)  # uniform, both included
+    rule: str = "descent"  # descent | fire: the relaxation trained through
+    step_size: Optional[float] = None  # None: start from the best constant step of the grid
+    warmup_steps: int = 0
+    schedule: str = "constant"  # constant | cosine (decays to final_lr_fraction · learning_rate at the last step)
+    final_lr_fraction: float = 0.05
+    step_learning_rate: Optional[float] = 0.03  # Adam rate of log η: up to ~3% change of a learned η per step
+    val_fraction: float = 0.15  # the last trajectories of the training split: BPTT's validation split
+
+    def __post_init__(self):
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"finetune.schedule must be constant or cosine, not {self.schedule!r}")
+        if self.rule not in ("descent", "fire"):
+            raise ValueError(f"finetune.rule must be descent or fire, not {self.rule!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"finetune.val_fraction must be in [0, 1), not {self.val_fraction}")
+        if self.noise < 0 or not 0 < self.noise_anneal <= 1 or not 0 < self.noise_frame_anneal <= 1:
+            raise ValueError("finetune.noise must be >= 0 and its anneal factors in (0, 1]")
+        self.stop_tol_range = tuple(float(x) for x in self.stop_tol_range)
+        self.stop_frames_range = tuple(int(x) for x in self.stop_frames_range)
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Test-set evaluation and its controls.
+
+    Attributes:
+      step_grid: constant step sizes of the baseline (the best on the test set is reported, paper Table 7).
+      fire: also relax the test set with FIRE and the pretrained model.
+      batch_size: structures relaxed together.
+      basin_dq: a relaxation ends in the reference's basin when its final Dq is below this (√amu·Å).
+      force_control: continue force training for as many model evaluations as BPTT made, and report its
+        best constant step beside BPTT (the equal-compute control).
+      oracle: relax the test set with the generating potential's own forces under the same rule, step grid
+        and frame budget (generated data sets only).
+    """
+
+    step_grid: tuple[float, ...] = (0.002, 0.003, 0.005, 0.007, 0.01, 0.02, 0.03, 0.05, 0.077, 0.1)
+    fire: bool = True
+    batch_size: int = 16
+    basin_dq: float = 3.0
+    force_control: bool = False
+    oracle: bool = True
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """One run of the pipeline: every stage's settings, the seed and the run directory.
+
+    ``relax`` is the relaxation of every stage (baselines, BPTT, evaluation); its frame budget is the data set's
+    (:meth:`relax_config`). ``resume`` continues an interrupted run from its last checkpoints."""
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    relax: RelaxConfig = dataclasses.field(default_factory=RelaxConfig)
+    pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    seed: int = 0
+    run_dir: str = "runs/default"
+    resume: bool = False
+    progress: bool = True
+    plots: bool = True
+    distributed: parallel.DistributedConfig = dataclasses.field(default_factory=parallel.DistributedConfig)
+
+    def validate(self) -> None:
+        """Refuse settings that contradict each other (one-line ``ValueError``)."""
+        ft = self.finetune
+        if ft.variable_stop and ft.stop_frames_range[1] > self.data.max_frames:
+            raise ValueError(f"finetune.stop_frames_range {list(ft.stop_frames_range)} exceeds "
+                             f"dataset.max_frames {self.data.max_frames}")
+        if self.relax.noise:
+            raise ValueError("relax.noise would also perturb the baselines and the test relaxations; training-only "
+                             "exploration noise is finetune.noise")
+
+    def relax_config(self) -> RelaxConfig:
+        """``relax`` with the data set's frame budget (``data.max_frames``)."""
+        return dataclasses.replace(self.relax, max_frames=self.data.max_frames)
