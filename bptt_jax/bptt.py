@@ -119,14 +119,14 @@ def make_optimizer(config: OptimConfig) -> optax.GradientTransformation:
 class FixedStep:
     """A constant step size η = ``value`` (Å²/eV); no parameters."""
 
-    value: float
+    value: Optional[float]  # None: no step (FIRE, or not chosen yet)
     trainable: ClassVar[bool] = False
 
     def init_params(self, key: Array, batch: Batch, start: Optional[float] = None) -> Params:
         return {}
 
     def scalar(self, params: Params) -> Optional[Array]:
-        return jnp.asarray(self.value)
+        return None if self.value is None else jnp.asarray(self.value)
 
     def for_rule(self, params: Params, batch: Batch, dropout: bool):
         return self.value
@@ -137,12 +137,12 @@ class LearnedStep:
     """A trainable scalar η = exp(``params["log_step_size"]``), starting at ``init`` (Å²/eV): positive by
     construction, however far training pushes it."""
 
-    init: float
+    init: Optional[float]  # None: ``init_params`` must be given a start
     trainable: ClassVar[bool] = True
 
     def init_params(self, key: Array, batch: Batch, start: Optional[float] = None) -> Params:
         eta = self.init if start is None else start
-        if not eta > 0:
+        if eta is None or not eta > 0:
             raise ValueError(f"a learned step size starts from a positive value, not {eta}")
         return {"log_step_size": jnp.log(jnp.asarray(eta, batch.positions.dtype))}
 
@@ -182,11 +182,19 @@ head), ``for_rule`` (the ``step_size`` argument of :func:`~bptt_jax.relax.make_r
 
 
 def make_step(config: RelaxConfig, head: Optional[StepHead] = None) -> StepSize:
-    """The step size ``config.step_mode`` names, starting at ``config.step_size`` (``head``: the network's)."""
+    """The step size ``config.step_mode`` names, starting at ``config.step_size``; ``"network"``: ``head``, or
+    a :class:`StepHead` with ``config.step_head``'s options. FIRE adapts its own time step: always
+    :class:`FixedStep` (it has no η to learn)."""
+    if config.rule == "fire":
+        return FixedStep(config.step_size)
     if config.step_mode == "learned":
         return LearnedStep(config.step_size)
     if config.step_mode == "network":
-        return NetworkStep(StepHead(init_step=config.step_size, output="exp") if head is None else head)
+        if head is None:
+            if config.step_size is None:
+                raise ValueError("the step head starts at relax.step_size, which is None")
+            head = StepHead(init_step=config.step_size, output="exp", **dict(config.step_head))
+        return NetworkStep(head)
     return FixedStep(config.step_size)
 
 
@@ -214,7 +222,8 @@ class BPTT:
       model: a Flax module ``model(batch, deterministic) -> (B, N, 3)`` forces in eV/Å.
       relax: the relaxation (update rule, step-size mode, stop rule).
       optim: the MLIP-level optimiser and loss.
-      step_head: the App. B step-size head, used when ``relax.step_mode == "network"``.
+      step_head: a step-size head module to use when ``relax.step_mode == "network"``, instead of the
+        :class:`StepHead` that ``relax.step_head``'s options describe (which then must be empty).
 
     ``bptt.step`` is the step size ``relax.step_mode`` names (:func:`make_step`): :class:`FixedStep`,
     :class:`LearnedStep` or :class:`NetworkStep`.
@@ -226,6 +235,8 @@ class BPTT:
     step_head: Optional[StepHead] = None
 
     def __post_init__(self):
+        if self.step_head is not None and self.relax.step_head:
+            raise ValueError("give the step head as a module (step_head) or as options (relax.step_head), not both")
         step = make_step(self.relax, self.step_head)
         if self.optim.freeze_model and not step.trainable:
             raise ValueError("freeze_model with a fixed step size leaves nothing to train; use a learned step "

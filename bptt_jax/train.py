@@ -16,56 +16,52 @@ import logging
 import statistics
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from bptt_jax.parallel import DistributedConfig
-from bptt_jax.pipeline import (DataConfig, EvalConfig, FinetuneConfig, ModelConfig, PretrainConfig, RunConfig,
-                               markdown_table, run_pipeline)
-from bptt_jax.relax import RelaxConfig
+from bptt_jax.pipeline import RunConfig, markdown_table, run_pipeline
 from bptt_jax.runtime import add_xla_flags, enable_compile_cache
 
 log = logging.getLogger("bptt_jax")
 
 
 def config_from_hydra(cfg: DictConfig, run_dir: str) -> RunConfig:
-    """Typed pipeline configuration from the composed Hydra config."""
+    """Typed pipeline configuration from the composed Hydra config: each node is one config of the tree
+    (``dataset`` → ``data``, ``train.resume`` → ``resume``), key for key. ``dataset.max_frames`` is no setting of
+    its own: it reaches the relaxation as ``relax.max_frames: ${dataset.max_frames}``."""
     c: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
-    data = dict(c["dataset"])
-    data["generator"] = dict(data.get("generator") or {})
-    relax = dict(c["relax"])
-    bptt_step = relax.pop("step_size")
-    finetune = dict(c["finetune"], step_size=bptt_step)
-    relax_cfg = RelaxConfig(**relax, max_frames=int(data["max_frames"]))
-    ev = dict(c["eval"])
-    ev["step_grid"] = tuple(float(x) for x in ev["step_grid"])
-    model = dict(c["model"])
-    model["overrides"] = dict(model.get("overrides") or {})
-    return RunConfig(data=DataConfig(**data), model=ModelConfig(**model), relax=relax_cfg,
-                     pretrain=PretrainConfig(**c["pretrain"]), finetune=FinetuneConfig(**finetune),
-                     eval=EvalConfig(**ev), seed=int(c["seed"]), run_dir=run_dir,
-                     resume=bool(c["train"]["resume"]), progress=bool(c["progress"]), plots=bool(c["plots"]),
-                     distributed=DistributedConfig(**(c.get("distributed") or {})))
+    data = {k: v for k, v in c["dataset"].items() if k != "max_frames"}
+    return RunConfig.from_dict({
+        "data": data, "model": c["model"], "relax": c["relax"], "pretrain": c["pretrain"], "finetune": c["finetune"],
+        "eval": c["eval"], "seed": int(c["seed"]), "run_dir": run_dir, "resume": bool(c["train"]["resume"]),
+        "progress": bool(c["progress"]), "plots": bool(c["plots"]), "distributed": c.get("distributed") or {}})
+
+
+def runtime_settings(cfg: DictConfig) -> tuple[list[str], Optional[str]]:
+    """What the process sets up before JAX starts: the XLA flags to add (``xla_flags``, and ``cpu_devices`` as
+    ``--xla_force_host_platform_device_count``) and the persistent compilation cache (``compile_cache_dir``)."""
+    flags = list(cfg.get("xla_flags") or [])
+    n_cpu = int(cfg.get("cpu_devices") or 1)
+    if n_cpu > 1 and not (cfg.get("distributed") or {}).get("enabled"):
+        # The host CPU as n_cpu XLA devices: BPTT then runs data parallel over them (GPU/TPU runs ignore it).
+        flags.append(f"--xla_force_host_platform_device_count={n_cpu}")
+    return flags, cfg.get("compile_cache_dir") or None
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     run_dir = HydraConfig.get().runtime.output_dir
     OmegaConf.save(cfg, Path(run_dir) / "config_resolved.yaml", resolve=True)
-    flags = list(cfg.get("xla_flags") or [])
-    n_cpu = int(cfg.get("cpu_devices") or 1)
-    if n_cpu > 1 and not (cfg.get("distributed") or {}).get("enabled"):
-        # The host CPU as n_cpu XLA devices: BPTT then runs data parallel over them (GPU/TPU runs ignore it).
-        flags.append(f"--xla_force_host_platform_device_count={n_cpu}")
+    flags, cache_dir = runtime_settings(cfg)
     added = add_xla_flags(flags)  # before the first JAX computation
     if added:
         log.info("XLA_FLAGS += %s", " ".join(added))
-    if cfg.get("compile_cache_dir"):
-        log.info("persistent compilation cache: %s", enable_compile_cache(cfg.compile_cache_dir))
+    if cache_dir:
+        log.info("persistent compilation cache: %s", enable_compile_cache(cache_dir))
     try:
         results = run_pipeline(config_from_hydra(cfg, run_dir))
     except (ValueError, OSError, RuntimeError) as err:

@@ -34,14 +34,12 @@ ADSORBATE_Z = (1, 6, 7, 8)  # H, C, N, O
 
 
 def _run_config(run: Path):
-    from bptt_jax.pipeline import DataConfig, ModelConfig
-    from bptt_jax.relax import RelaxConfig
+    """The run's data, model and relaxation settings (its ``run_config.json``, of any version) and the raw dict."""
+    from bptt_jax.pipeline import RunConfig
 
     cfg = json.loads((run / "run_config.json").read_text())
-    data = DataConfig(**cfg["data"])
-    model = ModelConfig(**cfg["model"])
-    relax = RelaxConfig(**{k: v for k, v in cfg["relax"].items() if k in RelaxConfig.__dataclass_fields__})
-    return data, model, relax, cfg
+    rc = RunConfig.from_dict(cfg)
+    return rc.data, rc.model, rc.relax, cfg
 
 
 def classify(start: np.ndarray, final: np.ndarray, free: np.ndarray, adsorbate: np.ndarray) -> dict:
@@ -113,7 +111,7 @@ def analyse(run: Path, exact: bool = True, limit: Optional[int] = None) -> dict:
     params, _, _ = restore_checkpoint(pretrained_dir(run), model.init(jax.random.PRNGKey(0), batches[0][1]))
     import dataclasses
 
-    fire = BPTT(model, dataclasses.replace(relax, rule="fire", step_mode="fixed", max_frames=data.max_frames))
+    fire = BPTT(model, dataclasses.replace(relax, rule="fire", step_mode="fixed", step_head=()))
     rows: list[dict] = [{} for _ in items]
     finals: list[np.ndarray] = [None] * len(items)  # type: ignore[list-item]
     for idx, b in batches:
@@ -136,14 +134,14 @@ def analyse(run: Path, exact: bool = True, limit: Optional[int] = None) -> dict:
         ads = np.isin(s.numbers, ADSORBATE_Z)
         rows[i]["loss"] = float(model_loss[i])
         rows[i]["what_moved"] = classify(s.positions, finals[i], ~s.fixed, ads)
-    out = {"run": str(run), "dataset": data.name, "n": len(items), "max_frames": data.max_frames,
+    out = {"run": str(run), "dataset": data.name, "n": len(items), "max_frames": relax.max_frames,
            "tol": relax.tol, "diverge_distance": relax.diverge_distance, "model": rows}
     if exact and data.path is None:
         calc = oracle_calculator_for(generated_dir(data))
         ex = []
         t = time.time()
         for s, _ in items:
-            r = exact_fire(s, calc(), max_frames=data.max_frames, tol=relax.tol,
+            r = exact_fire(s, calc(), max_frames=relax.max_frames, tol=relax.tol,
                            diverge_distance=relax.diverge_distance)
             ads = np.isin(s.numbers, ADSORBATE_Z)
             ex.append({"frames": r["frames"], "diverged": r["diverged"], "converged": r["converged"],

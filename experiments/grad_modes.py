@@ -294,7 +294,7 @@ def run_quality(args) -> None:
     eta = _pretrained_eta(args)
     variants = [(m, m, []) for m in args.modes]
     if args.fire:
-        variants.append(("full+fire", "full", ["finetune.rule=fire"]))
+        variants.append(("full+fire", "full", ["relax.rule=fire"]))
     for name, mode, extra in variants:
         name = name + args.tag
         row = _finetune(name, mode, [*extra, *args.set], args, eta, args.window, ROOT / "runs" / "grad_modes" / name)
@@ -316,7 +316,7 @@ def run_seeds(args) -> None:
     for seed in args.seeds:  # seed-major: an interrupted study still holds complete pairs
         for name, mode, w, k in variants:
             run_dir = ROOT / "runs" / "grad_modes" / "seeds" / label / f"{name}-s{seed}"
-            row = _finetune(name, mode, ["finetune.step_mode=fixed", f"seed={seed}", *args.set], args, eta, w,
+            row = _finetune(name, mode, ["relax.step_mode=fixed", f"seed={seed}", *args.set], args, eta, w,
                             run_dir, k)
             _append(OUT / "seeds.jsonl", {"part": "seeds", "study": label, "variant": name, "seed": seed,
                                           "eta": eta, **row})

@@ -294,19 +294,19 @@ T5_FACTOR = PAPER_LEARNED_START / PAPER_BEST_STEP  # 6.5: the paper's start 0.5 
 @item("table1", "Table 1: step-size ablations, Si defects × ADAPT")
 def table1(ctx: Context) -> list[str]:
     base = ctx.base()
-    head_c = ctx.variant("si_defects", "adapt", "head_constant", ["finetune.step_mode=network"])
+    head_c = ctx.variant("si_defects", "adapt", "head_constant", ["relax.step_mode=network"])
     head_r = ctx.variant("si_defects", "adapt", "head_random",
-                         ["finetune.step_mode=network", "+finetune.step_head.output_init=random"])
+                         ["relax.step_mode=network", "+relax.step_head.output_init=random"])
     rows = [["No BPTT (best constant step on the test grid)", "5.32", _fmt(base.avg("constant_step")), "-"],
             ["Scalar step size (learned)", "2.73", _fmt(base.avg()), _kept(base)],
             ["Decoder (single value), constant-output init", "3.37", _fmt(head_c.avg()), _kept(head_c)],
             ["Decoder (single value), random init", "3.37 (indistinguishable)", _fmt(head_r.avg()), _kept(head_r)]]
     return _table(["type", "paper Avg Dq", "ours Avg Dq", "epoch kept"], rows) + [
-        "", "The decoder is App. B's step head (`finetune.step_mode=network`): one encoder block of width 64 over "
+        "", "The decoder is App. B's step head (`relax.step_mode=network`): one encoder block of width 64 over "
         "[features | forces], an all-ones query, and an exp output. Constant init: the output layer starts at zero "
         "weights, so it begins at the base's starting step exactly (the paper pretrains it on noise to the same "
         "end). Random init: the output weights are drawn (LeCun normal), so each structure starts at its own step "
-        "around it (`+finetune.step_head.output_init=random`)."]
+        "around it (`+relax.step_head.output_init=random`)."]
 
 
 @item("table2", "Table 2: force L2 error before and after BPTT, Si defects × ADAPT")
@@ -456,7 +456,7 @@ def fig2a(ctx: Context) -> list[str]:
 @item("fig2b", "Figure 2b: fixed vs learned step (Si defects × ADAPT)")
 def fig2b(ctx: Context) -> list[str]:
     learned = ctx.base()
-    fixed = ctx.variant("si_defects", "adapt", "fixed_step", ["finetune.step_mode=fixed"])
+    fixed = ctx.variant("si_defects", "adapt", "fixed_step", ["relax.step_mode=fixed"])
     _curves(ctx.png("fig2b"), "Fig. 2b: fixed vs learned step (test)",
             {"fixed step": fixed.curve(), "learned step": learned.curve()}, _metric(learned))
     rows = [["fixed", _fmt(fixed.avg()), f"{fixed.results['step_size_initial']:.4g} (fixed)", _kept(fixed)],
@@ -470,16 +470,16 @@ def fig2b(ctx: Context) -> list[str]:
 @item("fig3", "Figure 3: training schemes vs FIRE (Si defects × ADAPT)")
 def fig3(ctx: Context) -> list[str]:
     base = ctx.base()
-    fixed = ctx.variant("si_defects", "adapt", "fixed_step", ["finetune.step_mode=fixed"])
-    head = ctx.variant("si_defects", "adapt", "head_constant", ["finetune.step_mode=network"])
-    fire = ctx.variant("si_defects", "adapt", "through_fire", ["finetune.rule=fire"])
+    fixed = ctx.variant("si_defects", "adapt", "fixed_step", ["relax.step_mode=fixed"])
+    head = ctx.variant("si_defects", "adapt", "head_constant", ["relax.step_mode=network"])
+    fire = ctx.variant("si_defects", "adapt", "through_fire", ["relax.rule=fire"])
     bars = {"FIRE (pretrained)": base.avg("fire"), "constant step (test grid)": base.avg("constant_step"),
             "BPTT, fixed step": fixed.avg(), "BPTT, learned step": base.avg(), "BPTT, step head": head.avg(),
             "BPTT through FIRE": fire.avg()}
     _bars(ctx.png("fig3"), "Fig. 3: training schemes vs FIRE (test)", bars, _metric(base))
     return ["Paper: BPTT learns a descent that beats FIRE (Table 3: FIRE 6.73, BPTT 2.73).", ""] + _table(
         ["scheme", _metric(base)], [[k, _fmt(v)] for k, v in bars.items()]) + [
-        "", "BPTT through FIRE (`finetune.rule=fire`) trains the MLIP through FIRE's own update, which the paper "
+        "", "BPTT through FIRE (`relax.rule=fire`) trains the MLIP through FIRE's own update, which the paper "
         "calls non-differentiable: its adaptive time step and velocity mixing are piecewise smooth, and we take "
         "the gradient through the branch taken. ![fig3](fig3.png)"]
 

@@ -31,7 +31,7 @@ VARIANTS: list[tuple[str, dict, dict]] = [
      {"learning_rate": 5e-4, "max_epochs": 48}),
 ]
 
-DATASETS = {"si_defects": {}, "catalysts": {"name": "catalysts", "max_frames": 200},
+DATASETS = {"si_defects": {}, "catalysts": {"name": "catalysts"},
             "pure_crystals": {"name": "pure_crystals", "loss": "mse"}}
 
 

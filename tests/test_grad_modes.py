@@ -464,7 +464,6 @@ def test_registry_round_trip(name):
 
 def test_relax_config_builds_each_method_with_its_options():
     assert RelaxConfig(grad_mode="remat", remat_segment=0).method == R.Remat(segment=0)
-    assert RelaxConfig(remat=True).method == R.Remat(segment=1)
     assert RelaxConfig(grad_mode="truncated", window=7).method == R.Truncated(window=7)
     cfg = RelaxConfig(grad_mode="guided", window=4, adjoint_solver="neumann", adjoint_tol=1e-6, adjoint_iters=50,
                       adjoint_damping=0.1, adjoint_unconverged="solve", adjoint_project_translations=False)
@@ -480,7 +479,7 @@ def test_relax_config_builds_each_method_with_its_options():
     (dict(grad_mode="truncated", adjoint_solver="neumann"), "relax.adjoint_solver='neumann'"),
     (dict(grad_mode="implicit", sample_frames=8), "relax.sample_frames=8"),
     (dict(grad_mode="first_order", remat_segment=0), "relax.remat_segment=0"),
-    (dict(grad_mode="truncated", remat=True), "relax.remat=true"),
+    (dict(step_mode="learned", step_head={"d_model": 8}), "relax.step_head"),
     (dict(grad_mode="implicit", length_quantum=8), "relax.length_quantum=8"),
 ])
 def test_an_option_the_method_does_not_take_is_a_one_line_error(kw, key):

@@ -70,7 +70,7 @@ def test_every_item_reports_the_papers_figures_beside_ours(tmp_path, fake_runs):
     assert "finetune.variable_stop=true" in by_name["variable_stop"]
     assert "finetune.freeze_model=true" in by_name["frozen_mlip"]
     assert {"finetune.clip_norm=null", "finetune.prox_weight=0.01"} <= set(by_name["prox_only"])
-    assert "+finetune.step_head.output_init=random" in by_name["head_random"]
+    assert "+relax.step_head.output_init=random" in by_name["head_random"]
     assert {"finetune.noise=0.01", "finetune.noise_anneal=0.5"} <= set(by_name["noise_annealed"])
     t5 = by_name["learned_x6.5_momentum_anneal"]
     assert {"relax.momentum=0.05", "relax.anneal=0.99"} <= set(t5)

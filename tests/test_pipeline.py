@@ -93,11 +93,11 @@ def test_preset_decides_the_size(dataset, preset, n):
     assert make_params(run.data.name, run.data.preset).n == expected
 
 
-def _tiny_run(tmp_path, cache, **finetune):
-    data = DataConfig(name="si_defects", preset="tiny", n=10, n_test=4, max_frames=8, workers=1,
-                      cache_dir=str(cache / "data"))
+def _tiny_run(tmp_path, cache, relax=None, **finetune):
+    data = DataConfig(name="si_defects", preset="tiny", n=10, n_test=4, workers=1, cache_dir=str(cache / "data"))
     return RunConfig(
-        data=data, model=ModelConfig(preset="tiny"), relax=RelaxConfig(max_frames=8),
+        data=data, model=ModelConfig(preset="tiny"),
+        relax=RelaxConfig(**{"max_frames": 8, "step_size": None, "step_mode": "learned", **(relax or {})}),
         pretrain=PretrainConfig(max_epochs=2, schedule="cosine", patience=None),
         finetune=FinetuneConfig(epochs=2, **finetune),
         eval=EvalConfig(step_grid=(0.01, 0.05), fire=False, oracle=False, force_control=False),
@@ -230,13 +230,14 @@ def test_ablation_options_run_through_the_pipeline(tmp_path, cli_cache):
     variable stop and C.2's proximal term without clipping: the MLIP comes out bit for bit as pretrained, the
     noise anneals per epoch, and the evaluation relaxations are the noise-free ones."""
     head = {"output_init": "random", "d_model": 8, "n_heads": 2, "ffn_dim": 8}
-    cfg = _tiny_run(tmp_path, cli_cache, learning_rate=1e-3, freeze_model=True, step_mode="network", step_head=head,
-                    noise=0.02, noise_anneal=0.5, variable_stop=True, stop_frames_range=(4, 8), clip_norm=None,
+    cfg = _tiny_run(tmp_path, cli_cache, dict(step_mode="network", step_head=head), learning_rate=1e-3,
+                    freeze_model=True, noise=0.02, noise_anneal=0.5, variable_stop=True, stop_frames_range=(4, 8), clip_norm=None,
                     prox_weight=0.1)
     res = run_pipeline(cfg)
     assert res["force_l2"]["bptt"] == res["force_l2"]["pretrained"]  # frozen: the same forces exactly
     assert res["finetune"]["freeze_model"] and res["finetune"]["clip_norm"] is None
-    assert res["finetune"]["step_head"]["output_init"] == "random"
+    saved = RunConfig.from_dict(json.loads((Path(cfg.run_dir) / "run_config.json").read_text()))
+    assert saved.relax == cfg.relax and dict(saved.relax.step_head)["output_init"] == "random"
     rows = [r for r in csv.DictReader(open(Path(cfg.run_dir) / "metrics.csv")) if r["stage"] == "bptt"]
     assert [float(r["noise"]) for r in rows] == pytest.approx([0.02, 0.01])
     # The baselines are those of the same run without any of the training-only options.

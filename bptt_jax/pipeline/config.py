@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 from bptt_jax import parallel
 from bptt_jax.models import build_model
@@ -21,7 +21,8 @@ class DataConfig:
     ``path`` set: read any supported format (file or directory), at most ``n`` records. Otherwise the
     offline generator ``name`` with ``preset``/``n``/``seed`` writes (or reuses)
     ``cache_dir/<name>-<preset>-n<n>-s<seed>`` (``n`` None: the preset's size). The first ``n_test`` records
-    are the test split, counted before anything is filtered (:func:`load_split`).
+    are the test split, counted before anything is filtered (:func:`load_split`). The data set's frame budget
+    (the Hydra key ``dataset.max_frames``) is the relaxation's: ``RelaxConfig.max_frames``.
     """
 
     name: str = "si_defects"
@@ -37,8 +38,7 @@ class DataConfig:
     n_test: int = 100
     max_train: Optional[int] = None  # cap on training trajectories (None = all)
     buckets: tuple[int, ...] = DEFAULT_BUCKETS
-    loss: str = "dq"  # dq (defects, catalysts) or mse (pure crystals)
-    max_frames: int = 75
+    loss: str = "dq"  # dq (defects, catalysts) or mse (pure crystals): trained, reported, selected on
 
 
 @dataclasses.dataclass
@@ -85,16 +85,16 @@ class PretrainConfig:
 
 @dataclasses.dataclass
 class FinetuneConfig:
-    """BPTT fine-tuning (paper Sec. 3, App. B-D). The training-only options (``freeze_model``, ``noise``,
-    ``variable_stop``) change the training rollouts, never the evaluation's."""
+    """BPTT fine-tuning (paper Sec. 3, App. B-D): the optimiser, its schedule and the epochs. The relaxation
+    trained through (rule, step size and its mode, stop rule, gradient method) is :attr:`RunConfig.relax`. The
+    training-only options (``freeze_model``, ``noise``, ``variable_stop``) change the training rollouts, never
+    the evaluation's."""
 
     epochs: int = 5
     batch_size: int = 8
     learning_rate: float = 5e-4
     clip_norm: Optional[float] = 1.0  # None: no clipping (proximal-only runs, App. C.2)
     prox_weight: float = 0.0
-    step_mode: str = "learned"  # fixed | learned | network
-    step_head: dict = dataclasses.field(default_factory=dict)  # StepHead options (init, d_model, n_layers, ...)
     freeze_model: bool = False  # train the step size only; the MLIP stays as pretrained (Fig. 5a)
     noise: float = 0.0  # σ (Å) of exploration noise in every training frame (App. C.1)
     noise_anneal: float = 1.0  # the noise's factor per epoch (epoch e: noise · noise_anneal^e)
@@ -102,8 +102,6 @@ class FinetuneConfig:
     variable_stop: bool = False  # each training step draws its stop rule (App. C.4)
     stop_tol_range: tuple[float, float] = (1e-4, 1e-2)  # log-uniform
     stop_frames_range: tuple[int, int] = (50, 75)  # uniform, both included
-    rule: str = "descent"  # descent | fire: the relaxation trained through
-    step_size: Optional[float] = None  # None: start from the best constant step of the grid
     warmup_steps: int = 0
     schedule: str = "constant"  # constant | cosine (decays to final_lr_fraction · learning_rate at the last step)
     final_lr_fraction: float = 0.05
@@ -113,8 +111,6 @@ class FinetuneConfig:
     def __post_init__(self):
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"finetune.schedule must be constant or cosine, not {self.schedule!r}")
-        if self.rule not in ("descent", "fire"):
-            raise ValueError(f"finetune.rule must be descent or fire, not {self.rule!r}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"finetune.val_fraction must be in [0, 1), not {self.val_fraction}")
         if self.noise < 0 or not 0 < self.noise_anneal <= 1 or not 0 < self.noise_frame_anneal <= 1:
@@ -150,12 +146,14 @@ class EvalConfig:
 class RunConfig:
     """One run of the pipeline: every stage's settings, the seed and the run directory.
 
-    ``relax`` is the relaxation of every stage (baselines, BPTT, evaluation); its frame budget is the data set's
-    (:meth:`relax_config`). ``resume`` continues an interrupted run from its last checkpoints."""
+    ``relax`` is the relaxation the model is fine-tuned through and delivered with: its rule, step size
+    (``step_size`` None: the validation split's best constant step) and step mode, stop rule and gradient
+    method. The baselines relax with the same stop rule and frame budget, under their own rules (a
+    constant-step descent grid, FIRE). ``resume`` continues an interrupted run from its last checkpoints."""
 
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    relax: RelaxConfig = dataclasses.field(default_factory=RelaxConfig)
+    relax: RelaxConfig = dataclasses.field(default_factory=lambda: RelaxConfig(step_size=None, step_mode="learned"))
     pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
@@ -169,13 +167,44 @@ class RunConfig:
     def validate(self) -> None:
         """Refuse settings that contradict each other (one-line ``ValueError``)."""
         ft = self.finetune
-        if ft.variable_stop and ft.stop_frames_range[1] > self.data.max_frames:
+        if ft.variable_stop and ft.stop_frames_range[1] > self.relax.max_frames:
             raise ValueError(f"finetune.stop_frames_range {list(ft.stop_frames_range)} exceeds "
-                             f"dataset.max_frames {self.data.max_frames}")
-        if self.relax.noise:
+                             f"relax.max_frames {self.relax.max_frames}")
+        if self.relax.noise or self.relax.noise_anneal != 1:
             raise ValueError("relax.noise would also perturb the baselines and the test relaxations; training-only "
-                             "exploration noise is finetune.noise")
+                             "exploration noise is finetune.noise (and finetune.noise_frame_anneal)")
 
-    def relax_config(self) -> RelaxConfig:
-        """``relax`` with the data set's frame budget (``data.max_frames``)."""
-        return dataclasses.replace(self.relax, max_frames=self.data.max_frames)
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        """The run configuration a run directory's ``run_config.json`` holds (:func:`~bptt_jax.pipeline.report.
+        jsonable`), also as written before each setting had one home: ``data.max_frames`` and
+        ``finetune.{rule, step_mode, step_size, step_head}`` move to ``relax``, ``relax.remat`` becomes
+        ``grad_mode=remat``."""
+        d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+        data, relax, ft = d.get("data", {}), d.get("relax", {}), d.get("finetune", {})
+        if "max_frames" in data:
+            relax["max_frames"] = data.pop("max_frames")
+        for key in ("rule", "step_mode", "step_size", "step_head"):
+            if key in ft:
+                relax[key] = ft.pop(key)
+        if relax.pop("remat", False) and relax.get("grad_mode", "full") == "full":
+            relax.update(grad_mode="remat", remat_segment=1)
+        relax["fire"] = tuple(tuple(p) for p in relax.get("fire", ()))
+        relax["step_head"] = tuple(tuple(p) for p in relax["step_head"]) if isinstance(
+            relax.get("step_head"), list) else relax.get("step_head", ())
+        if "buckets" in data:
+            data["buckets"] = tuple(data["buckets"])
+        if "generator" in data:
+            data["generator"] = dict(data["generator"] or {})
+        if "model" in d and "overrides" in d["model"]:
+            d["model"]["overrides"] = dict(d["model"]["overrides"] or {})
+        ev = d.get("eval", {})
+        if "step_grid" in ev:
+            ev["step_grid"] = tuple(float(x) for x in ev["step_grid"])
+        parts = {"data": DataConfig, "model": ModelConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig,
+                 "eval": EvalConfig, "distributed": parallel.DistributedConfig}
+        kw = {k: parts[k](**d[k]) for k in parts if k in d}
+        if "relax" in d:
+            kw["relax"] = RelaxConfig(**relax)
+        kw.update({k: d[k] for k in ("seed", "run_dir", "resume", "progress", "plots") if k in d})
+        return cls(**kw)

@@ -148,7 +148,7 @@ def run_oracle(cfg: "RunConfig", test_items: list[tuple[Structure, np.ndarray]],
         log.info("oracle row skipped: %s is not a generated data set", cfg.data.path)
         return None
     settings = {"step_grid": [float(e) for e in cfg.eval.step_grid], "tol": cfg.relax.tol,
-                "max_frames": cfg.data.max_frames, "diverge_distance": cfg.relax.diverge_distance,
+                "max_frames": cfg.relax.max_frames, "diverge_distance": cfg.relax.diverge_distance,
                 "loss": cfg.data.loss, "basin_dq": cfg.eval.basin_dq, "basins_by": "dq", "test": list(test_ids),
                 "positions": hashlib.sha256(b"".join(np.ascontiguousarray(s.positions, np.float64).tobytes()
                                                      for s, _ in test_items)).hexdigest()}
@@ -161,7 +161,7 @@ def run_oracle(cfg: "RunConfig", test_items: list[tuple[Structure, np.ndarray]],
     factory = oracle.oracle_calculator_for(generated_dir(cfg.data))
     structures, targets = [s for s, _ in test_items], [x for _, x in test_items]
     rows = oracle.oracle_rows(structures, targets, factory, cfg.eval.step_grid,
-                              loss=cfg.data.loss, tol=cfg.relax.tol, max_frames=cfg.data.max_frames,
+                              loss=cfg.data.loss, tol=cfg.relax.tol, max_frames=cfg.relax.max_frames,
                               diverge_distance=cfg.relax.diverge_distance, workers=cfg.data.workers,
                               progress=cfg.progress)
     best = oracle.best_row(rows)
@@ -207,7 +207,7 @@ class Evaluator:
         mesh = parallel.local_mesh()
         if mesh is not None:
             log.info("test relaxations split over %d local devices", mesh.size)
-        grid_bptt = BPTT(model, dataclasses.replace(cfg.relax_config(), step_mode="learned", rule="descent"),
+        grid_bptt = BPTT(model, dataclasses.replace(cfg.relax, rule="descent", step_mode="learned", step_head=()),
                          OptimConfig(loss=cfg.data.loss))
         _, errors_fn = make_force_step(model, optax.identity())
         test_force_batches = (force_batches(data.test_frames, cfg.pretrain.batch_size, data.buckets)
@@ -270,7 +270,7 @@ def baselines(cfg: RunConfig, model, ev: Evaluator, model_params) -> Baselines:
     best_eta = min(grid, key=lambda e: grid[e].avg)
     fire_res = None
     if cfg.eval.fire:
-        fire_eval = BPTT(model, dataclasses.replace(cfg.relax_config(), rule="fire", step_mode="fixed"),
+        fire_eval = BPTT(model, dataclasses.replace(cfg.relax, rule="fire", step_mode="fixed", step_head=()),
                          OptimConfig(loss=loss_kind))
         fire_res = ev.test(fire_eval, {"model": model_params})
     initial = initial_loss(data.test_batches, len(data.test_items), loss_kind)

@@ -19,7 +19,6 @@ from tqdm.auto import tqdm
 
 from bptt_jax import parallel
 from bptt_jax.bptt import BPTT, OptimConfig
-from bptt_jax.models import StepHead
 from bptt_jax.pipeline.checkpoints import bptt_dir, bptt_params, latest_step, resume_bptt, save_checkpoint
 from bptt_jax.pipeline.config import FinetuneConfig, RunConfig
 from bptt_jax.pipeline.data import Data, batch_plan, relax_batches
@@ -49,18 +48,16 @@ def lr_schedule(ft: FinetuneConfig, steps_per_epoch: int) -> Union[float, optax.
 
 
 def make_bptt(cfg: RunConfig, model, step_size: float, steps_per_epoch: int) -> BPTT:
-    """The BPTT trainer ``finetune`` describes, its step size starting at ``step_size``."""
+    """The BPTT trainer of ``cfg``: its relaxation (``relax``), its step size starting at ``step_size``, and
+    the optimiser ``finetune`` describes (whose ``noise_frame_anneal`` is the training noise's factor per frame)."""
     ft = cfg.finetune
-    step_mode = "fixed" if ft.rule == "fire" else ft.step_mode  # FIRE has no step size to learn: its time step adapts
-    head = StepHead(init_step=step_size, output="exp", **ft.step_head) if step_mode == "network" else None
-    relax = dataclasses.replace(cfg.relax_config(), step_mode=step_mode, step_size=step_size, rule=ft.rule,
-                                noise_anneal=ft.noise_frame_anneal)
+    relax = dataclasses.replace(cfg.relax, step_size=step_size, noise_anneal=ft.noise_frame_anneal)
     optim = OptimConfig(learning_rate=lr_schedule(ft, steps_per_epoch), clip_norm=ft.clip_norm, loss=cfg.data.loss,
                         prox_weight=ft.prox_weight, step_learning_rate=ft.step_learning_rate,
                         freeze_model=ft.freeze_model, noise=noise_schedule(ft, steps_per_epoch),
                         stop_tol_range=ft.stop_tol_range if ft.variable_stop else None,
                         stop_frames_range=ft.stop_frames_range if ft.variable_stop else None)
-    return BPTT(model, relax, optim, step_head=head)
+    return BPTT(model, relax, optim)
 
 
 @dataclasses.dataclass
@@ -80,12 +77,12 @@ class Tuned:
 
 def fine_tune(cfg: RunConfig, model, ev: Evaluator, model_params, start_step: float, key: jax.Array,
               run_dir: Path) -> Tuned:
-    """BPTT from the pretrained ``model_params`` at step size ``finetune.step_size`` (None: ``start_step``),
+    """BPTT from the pretrained ``model_params`` at step size ``relax.step_size`` (None: ``start_step``),
     resuming from ``checkpoints/bptt`` when ``cfg.resume``. Data parallel over all devices when there are
     several: state replicated, batches split (the one-device path is unchanged)."""
     t = time.time()
     ft, data = cfg.finetune, ev.data
-    eta0 = start_step if ft.step_size is None else ft.step_size
+    eta0 = start_step if cfg.relax.step_size is None else cfg.relax.step_size
     steps_per_epoch = len(batch_plan([len(s) for s, _ in data.fit_items], ft.batch_size, data.buckets,
                                      np.random.default_rng(0)))
     bptt = make_bptt(cfg, model, eta0, steps_per_epoch)

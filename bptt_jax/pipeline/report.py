@@ -103,7 +103,7 @@ def build_results(cfg: RunConfig, data: Data, pre: Pretrained, base: Baselines, 
                            "force_frames_per_epoch": control.frames_per_epoch,
                            "seconds": round(control.seconds, 2)} if control else None),
         "grad_mode": cfg.relax.grad_mode,
-        "finetune_rule": cfg.finetune.rule,
+        "finetune_rule": cfg.relax.rule,
         "finetune": jsonable(cfg.finetune),
         "seconds_per_bptt_step": (float(np.mean([r["seconds"] for r in tuned.metrics]))
                                   / max(tuned.steps_per_epoch, 1) if tuned.metrics else None),

@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import jax
 
-from bptt_jax.relax.methods import REGISTRY, GradMethod, Remat, from_config
+from bptt_jax.relax.methods import REGISTRY, GradMethod, from_config
 from bptt_jax.relax.rules import ForceFn, StepSizeFn, UpdateRule, _is_zero, descent, fire
 
 Array = jax.Array
@@ -32,13 +32,16 @@ class RelaxConfig:
     """How structures are relaxed during training and evaluation.
 
     Attributes:
-      rule: ``"descent"`` (paper Eq. 2 and its ablations) or ``"fire"``.
+      rule: ``"descent"`` (paper Eq. 2 and its ablations) or ``"fire"`` (which adapts its own time step: it has
+        no η, so ``step_mode`` and ``step_size`` do not apply to it).
       step_size: η (Å²/eV), or its initial value when learned (paper: 0.077 best fixed; 0.5 learned init).
+        None: not chosen yet (the pipeline starts from the validation split's best constant step); a descent
+        rollout needs a value.
       step_mode: ``"fixed"``, ``"learned"`` (a trainable scalar) or ``"network"`` (the App. B head).
+      step_head: ``"network"``: keyword options of :class:`~bptt_jax.models.StepHead` as ``(name, value)`` pairs,
+        e.g. ``(("output_init", "random"),)``; it starts at ``step_size``.
       momentum, anneal, noise, noise_anneal: descent ablations (App. C).
       max_frames, tol, diverge_distance: stop rule (App. D) and divergence bound (Å).
-      remat: ``jax.checkpoint`` per frame (shorthand for ``grad_mode="remat"``, ``remat_segment=1``; only with
-        grad_mode full or remat).
       grad_mode: gradient through the relaxation, a name in :data:`~bptt_jax.relax.methods.REGISTRY`
         (see :attr:`method`).
       remat_segment: ``"remat"``: frames per checkpointed block (0 = ⌈√max_frames⌉).
@@ -56,12 +59,13 @@ class RelaxConfig:
       fire: keyword overrides for :func:`~bptt_jax.relax.rules.fire`.
 
     A gradient-method option (:data:`METHOD_FIELDS`) set away from its default for a ``grad_mode`` that does
-    not take it is an error, as are ``remat`` and ``length_quantum`` with a method that does not use them.
+    not take it is an error, as is ``length_quantum`` with a method that stops early by construction.
     """
 
     rule: str = "descent"
-    step_size: float = 0.077
+    step_size: Optional[float] = 0.077
     step_mode: str = "fixed"
+    step_head: tuple[tuple[str, Any], ...] = ()
     momentum: float = 0.0
     anneal: float = 1.0
     noise: float = 0.0
@@ -69,7 +73,6 @@ class RelaxConfig:
     max_frames: int = 75
     tol: float = 1e-3
     diverge_distance: float = 5.0
-    remat: bool = False
     grad_mode: str = "full"
     remat_segment: int = 1
     window: Optional[int] = None
@@ -91,6 +94,10 @@ class RelaxConfig:
             raise ValueError(f"unknown update rule {self.rule!r}; expected descent or fire")
         if self.step_mode not in ("fixed", "learned", "network"):
             raise ValueError(f"unknown step_mode {self.step_mode!r}; expected fixed, learned or network")
+        if isinstance(self.step_head, dict):  # Hydra and JSON give the head's options as a mapping
+            object.__setattr__(self, "step_head", tuple(sorted(self.step_head.items())))
+        if self.step_head and self.step_mode != "network":
+            raise ValueError(f"relax.step_head applies to step_mode network, not {self.step_mode!r}")
         if self.max_frames < 1:
             raise ValueError("max_frames must be at least 1")
         if self.grad_mode not in REGISTRY:
@@ -102,9 +109,6 @@ class RelaxConfig:
             if name not in takes and value != defaults[name]:
                 raise ValueError(f"relax.{name}={value!r} does not apply to grad_mode {self.grad_mode!r}, which "
                                  f"takes {', '.join('relax.' + t for t in takes) or 'no options'}")
-        if self.remat and self.grad_mode not in ("full", "remat"):
-            raise ValueError(f"relax.remat=true means grad_mode=remat with remat_segment=1; it does not apply to "
-                             f"grad_mode {self.grad_mode!r}")
         method = self.method  # validates the options' values
         if self.length_quantum > 0 and method.early_exit:
             raise ValueError(f"relax.length_quantum={self.length_quantum} applies to grad_mode full and remat; "
@@ -112,10 +116,7 @@ class RelaxConfig:
 
     @property
     def method(self) -> GradMethod:
-        """The gradient method ``grad_mode`` names, with the options of this config (``remat=True`` with
-        ``grad_mode="full"``: ``Remat(segment=1)``)."""
-        if self.remat and self.grad_mode == "full":
-            return Remat(segment=1)
+        """The gradient method ``grad_mode`` names, with the options of this config."""
         options = {METHOD_FIELDS[f]: getattr(self, f) for f in method_fields(self.grad_mode)}
         if options.get("window", 0) is None:  # the method's default window
             del options["window"]
@@ -136,6 +137,8 @@ def make_rule(config: RelaxConfig, force_fn: ForceFn, free_mask: Array,
     if config.rule == "fire":
         return fire(force_fn, free_mask, **dict(config.fire))
     eta = config.step_size if step_size is None else step_size
+    if eta is None:
+        raise ValueError("descent needs a step size: relax.step_size is None")
     noise = config.noise if _is_zero(extra_noise) else config.noise + extra_noise
     return descent(force_fn, eta, free_mask, momentum=config.momentum, anneal=config.anneal,
                    noise=noise, noise_anneal=config.noise_anneal)
