@@ -277,7 +277,7 @@ def jax_rollout(spec: dict) -> dict:
 
 def jax_bptt(spec: dict) -> dict:
     jax, model, batch, cfg = _jax_setup(spec)
-    from bptt_jax.bptt import BPTT, OptimConfig, count_params
+    from bptt_jax.bptt import BPTT, OptimConfig, count_params, jit_train_step
 
     frames, mode = spec["frames"], spec["mode"]
     relax_cfg = _relax_config(spec, mode, frames)
@@ -285,15 +285,14 @@ def jax_bptt(spec: dict) -> dict:
     key = jax.random.PRNGKey(0)
     params = bptt.init_params(key, batch)
     state0 = bptt.init_state(params, key)
-    batch1, state1 = batch, state0  # one-device copies for the FLOP count
+    # One-device shapes for the FLOP count (the step donates state0, so not the arrays themselves).
+    batch1, state1 = batch, jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state0)
     mesh, batch = _data_parallel(spec, jax, batch)
-    if mesh is None:
-        train_step, extra_args = bptt.train_step, ()
-    else:  # data parallel: the pipeline's sharded step (state replicated, batch split over the devices)
-        from bptt_jax.parallel import replicate, shard_train_step
+    if mesh is not None:  # data parallel: the pipeline's sharded step (state replicated, batch split over the devices)
+        from bptt_jax.parallel import replicate
 
         state0 = replicate(state0, mesh)
-        train_step, extra_args = shard_train_step(bptt, mesh), (None,)
+    train_step, extra_args = jit_train_step(bptt, mesh), (None,)  # ref_params None: a mesh's jit takes no defaults
 
     result = _base(spec)
     _model_info(result, cfg, count_params(params["model"]), jax.__version__)
@@ -311,7 +310,7 @@ def jax_bptt(spec: dict) -> dict:
     _xla_memory(compiled, result, spec)
     holder = {"state": state0}
 
-    def step():
+    def step():  # the step donates its state: each call starts from the state the previous one returned
         state, metrics = compiled(holder["state"], batch, *extra_args)
         jax.block_until_ready((state, metrics))
         holder["state"] = state
@@ -331,7 +330,7 @@ def jax_bptt(spec: dict) -> dict:
     fwd = _flops(jax.jit(lambda p, b: b_fwd.rollout(p, b, None, mode="while").positions)
                  .lower(params, batch1).compile())
     b_step = BPTT(model, fwd_cfg, OptimConfig())
-    fb = _flops(b_step.train_step.lower(state1, batch1).compile())
+    fb = _flops(jit_train_step(b_step).lower(state1, batch1).compile())
     result["flops_per_frame_fwd"], result["flops_per_frame_fwd_bwd"] = fwd, fb
     flops = None
     if fwd and fb:

@@ -84,7 +84,7 @@ def build_cases(quick: bool = False, torch_threads: int = 2) -> list[dict[str, A
                               relax_extra=MODE_SETTINGS.get(mode, {}), **common))
         cases.append(dict(name=f"bptt_torch_full_n{n}", case="torch_bptt", impl="torch", mode="full", atoms=n,
                           threads=torch_threads, model_cfg=cfg, **common))
-        # Data parallel over 2 forced CPU devices (the batch split 4 + 4; parallel.shard_train_step): the
+        # Data parallel over 2 forced CPU devices (the batch split 4 + 4; bptt.jit_train_step on a mesh): the
         # single-threaded parts (elementwise fusions, copies) of the two halves then run side by side.
         cases.append(dict(name=f"rollout_jax_n{n}_dp2", case="jax_rollout", impl="jax", mode="rollout", atoms=n,
                           devices=2, **common))
