@@ -22,7 +22,6 @@ import dataclasses
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -31,57 +30,10 @@ from typing import Any, Callable
 import numpy as np
 
 from benchmarks.data import si_atoms_list, si_structures
+from benchmarks.memory import hwm_mb, maxrss_mb, peak_rss_mb, reset_hwm, rss_mb, trim_heap
 
 # ------------------------------------------------------------------------------------------------------
-# Measurement helpers
-
-
-def _status_mb(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
-
-
-def rss_mb() -> float | None:
-    return _status_mb("VmRSS")
-
-
-def maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-
-
-_HWM_BEFORE_RESET = 0.0  # the process's peak RSS before reset_hwm() (imports, set-up, compilation, warm-up)
-
-
-def trim_heap() -> None:
-    """Return the C heap's free pages to the OS (glibc ``malloc_trim(0)``; a no-op elsewhere). XLA's compiler
-    frees ~300 MB of the bench-size BPTT program's compile-time memory, which glibc keeps mapped; without this
-    the step's own allocations stack on top of it in the RSS."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def reset_hwm() -> bool:
-    """Release the heap's free pages (:func:`trim_heap`, every case alike), then reset the kernel's peak-RSS
-    counter of this process (Linux ≥ 4.0); False if not permitted."""
-    trim_heap()
-    global _HWM_BEFORE_RESET
-    _HWM_BEFORE_RESET = max(_HWM_BEFORE_RESET, maxrss_mb())
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # also resets what getrusage reports as ru_maxrss
-        return True
-    except OSError:
-        return False
+# Measurement helpers (memory: benchmarks.memory)
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> list[float]:
@@ -148,9 +100,8 @@ def _finish(result: dict, times: list[float], steady: bool, work_frames: float |
         result["structure_frames_per_s"] = frames * (batch or 1) / med
     else:
         result["frames_per_s"] = None
-    result["steady_peak_rss_mb"] = _status_mb("VmHWM") if steady else None
-    # The whole process's peak: the HWM reset also resets ru_maxrss, so the peak before it is kept apart.
-    result["peak_rss_mb"] = max(maxrss_mb(), _HWM_BEFORE_RESET)
+    result["steady_peak_rss_mb"] = hwm_mb() if steady else None
+    result["peak_rss_mb"] = peak_rss_mb()  # the whole process's, the part before reset_hwm included
     return result
 
 

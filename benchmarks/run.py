@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from benchmarks.memory import mem_available_mb, rss_mb
 from bptt_jax.runtime import CPU_XLA_FLAGS, add_xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,28 +115,6 @@ def select(cases: list[dict], patterns: Optional[list[str]]) -> list[dict]:
     return [c for c in cases if hit(c["name"])]
 
 
-def mem_available_mb() -> Optional[float]:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
-
-
-def _rss_mb(pid: int) -> Optional[float]:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
-
-
 def run_case(spec: dict, timeout: float, max_rss_mb: Optional[float] = None, xla_flags: str = "",
              malloc_hugepages: bool = False) -> dict:
     """Run one case in a fresh interpreter; on failure return a row with ``error``.
@@ -163,7 +142,7 @@ def run_case(spec: dict, timeout: float, max_rss_mb: Optional[float] = None, xla
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as errf:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=errf, text=True)
         while proc.poll() is None:
-            rss = _rss_mb(proc.pid) or 0.0
+            rss = rss_mb(proc.pid) or 0.0
             seen = max(seen, rss)
             if max_rss_mb and rss > max_rss_mb:
                 proc.kill()
