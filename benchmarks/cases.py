@@ -140,26 +140,17 @@ def _data_parallel(spec: dict, jax, batch):
 
 def _relax_config(spec: dict, mode: str, frames: int, **extra):
     """RelaxConfig for a fixed-length benchmark relaxation with gradient mode ``mode``."""
-    from bptt_jax import relax
-    from bptt_jax.relax import RelaxConfig
+    from bptt_jax.relax import REGISTRY, RelaxConfig
 
     kw = dict(max_frames=frames, tol=0.0, step_mode="fixed", step_size=spec.get("step_size", 0.01),
               skip_converged=False)
     if mode == spec.get("mode"):  # the case's own mode: its settings (e.g. first_order's window and samples)
         kw.update(spec.get("relax_extra") or {})
     kw.update(extra)
-    fields = {f.name for f in dataclasses.fields(RelaxConfig)}
-    if "grad_mode" in fields:
-        kw["grad_mode"] = mode
-        methods = getattr(relax, "REGISTRY", None)  # older versions: no registry, two adjoint modes
-        uses_adjoint = methods[mode].uses_adjoint if methods else mode in ("implicit", "guided")
-        if uses_adjoint and "adjoint_unconverged" in fields:
-            # tol=0: nothing converges; "solve" runs the adjoint solve anyway, so its cost is measured.
-            kw["adjoint_unconverged"] = "solve"
-    elif mode == "remat":
-        kw["remat"] = True
-    elif mode != "full":
-        raise ValueError(f"gradient mode {mode!r} needs RelaxConfig.grad_mode")
+    kw["grad_mode"] = mode
+    if REGISTRY[mode].uses_adjoint:
+        # tol=0: nothing converges; "solve" runs the adjoint solve anyway, so its cost is measured.
+        kw["adjoint_unconverged"] = "solve"
     return RelaxConfig(**kw)
 
 

@@ -38,17 +38,6 @@ REQUIRED_KEYS = ("name", "impl", "mode", "batch", "atoms", "frames", "d_model", 
                  "frames_per_s", "peak_rss_mb")
 
 
-def _grad_modes() -> tuple[str, ...]:
-    """The gradient modes of the BPTT step: the names in ``relax.REGISTRY`` (older versions: ``relax.GRAD_MODES``,
-    or ``full`` + ``remat``, the older flag)."""
-    from bptt_jax import relax
-
-    modes = tuple(getattr(relax, "REGISTRY", None) or getattr(relax, "GRAD_MODES", ("full",)))
-    if "remat" not in modes:
-        modes = modes + ("remat",)
-    return modes
-
-
 # Settings of a gradient mode's benchmark case (RelaxConfig fields): first_order as the gradient-mode study
 # measured it closest to full BPTT for its cost (results/grad_modes.md).
 MODE_SETTINGS: dict[str, dict[str, Any]] = {"first_order": {"window": 0, "sample_frames": 32}}
@@ -57,6 +46,7 @@ MODE_SETTINGS: dict[str, dict[str, Any]] = {"first_order": {"window": 0, "sample
 def build_cases(quick: bool = False, torch_threads: int = 2) -> list[dict[str, Any]]:
     """All benchmark cases as specs for :mod:`benchmarks.cases` (PyTorch with ``torch_threads`` threads)."""
     from bptt_jax.models import PRESETS
+    from bptt_jax.relax import REGISTRY  # every gradient mode of the BPTT step
 
     if quick:
         batch, sizes, frames, preset, repeats = 2, (8,), 5, "tiny", 1
@@ -80,7 +70,7 @@ def build_cases(quick: bool = False, torch_threads: int = 2) -> list[dict[str, A
                           **common))
         cases.append(dict(name=f"rollout_torch_n{n}", case="torch_rollout", impl="torch", mode="rollout", atoms=n,
                           threads=torch_threads, model_cfg=cfg, **common))
-        for mode in _grad_modes():
+        for mode in REGISTRY:
             cases.append(dict(name=f"bptt_jax_{mode}_n{n}", case="jax_bptt", impl="jax", mode=mode, atoms=n,
                               relax_extra=MODE_SETTINGS.get(mode, {}), **common))
         cases.append(dict(name=f"bptt_torch_full_n{n}", case="torch_bptt", impl="torch", mode="full", atoms=n,
