@@ -22,7 +22,6 @@ import dataclasses
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -31,57 +30,10 @@ from typing import Any, Callable
 import numpy as np
 
 from benchmarks.data import si_atoms_list, si_structures
+from benchmarks.memory import hwm_mb, maxrss_mb, peak_rss_mb, reset_hwm, rss_mb, trim_heap
 
 # ------------------------------------------------------------------------------------------------------
-# Measurement helpers
-
-
-def _status_mb(field: str) -> float | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
-
-
-def rss_mb() -> float | None:
-    return _status_mb("VmRSS")
-
-
-def maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-
-
-_HWM_BEFORE_RESET = 0.0  # the process's peak RSS before reset_hwm() (imports, set-up, compilation, warm-up)
-
-
-def trim_heap() -> None:
-    """Return the C heap's free pages to the OS (glibc ``malloc_trim(0)``; a no-op elsewhere). XLA's compiler
-    frees ~300 MB of the bench-size BPTT program's compile-time memory, which glibc keeps mapped; without this
-    the step's own allocations stack on top of it in the RSS."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def reset_hwm() -> bool:
-    """Release the heap's free pages (:func:`trim_heap`, every case alike), then reset the kernel's peak-RSS
-    counter of this process (Linux ≥ 4.0); False if not permitted."""
-    trim_heap()
-    global _HWM_BEFORE_RESET
-    _HWM_BEFORE_RESET = max(_HWM_BEFORE_RESET, maxrss_mb())
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # also resets what getrusage reports as ru_maxrss
-        return True
-    except OSError:
-        return False
+# Measurement helpers (memory: benchmarks.memory)
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> list[float]:
@@ -148,9 +100,8 @@ def _finish(result: dict, times: list[float], steady: bool, work_frames: float |
         result["structure_frames_per_s"] = frames * (batch or 1) / med
     else:
         result["frames_per_s"] = None
-    result["steady_peak_rss_mb"] = _status_mb("VmHWM") if steady else None
-    # The whole process's peak: the HWM reset also resets ru_maxrss, so the peak before it is kept apart.
-    result["peak_rss_mb"] = max(maxrss_mb(), _HWM_BEFORE_RESET)
+    result["steady_peak_rss_mb"] = hwm_mb() if steady else None
+    result["peak_rss_mb"] = peak_rss_mb()  # the whole process's, the part before reset_hwm included
     return result
 
 
@@ -189,26 +140,17 @@ def _data_parallel(spec: dict, jax, batch):
 
 def _relax_config(spec: dict, mode: str, frames: int, **extra):
     """RelaxConfig for a fixed-length benchmark relaxation with gradient mode ``mode``."""
-    from bptt_jax import relax
-    from bptt_jax.relax import RelaxConfig
+    from bptt_jax.relax import REGISTRY, RelaxConfig
 
     kw = dict(max_frames=frames, tol=0.0, step_mode="fixed", step_size=spec.get("step_size", 0.01),
               skip_converged=False)
     if mode == spec.get("mode"):  # the case's own mode: its settings (e.g. first_order's window and samples)
         kw.update(spec.get("relax_extra") or {})
     kw.update(extra)
-    fields = {f.name for f in dataclasses.fields(RelaxConfig)}
-    if "grad_mode" in fields:
-        kw["grad_mode"] = mode
-        methods = getattr(relax, "REGISTRY", None)  # older versions: no registry, two adjoint modes
-        uses_adjoint = methods[mode].uses_adjoint if methods else mode in ("implicit", "guided")
-        if uses_adjoint and "adjoint_unconverged" in fields:
-            # tol=0: nothing converges; "solve" runs the adjoint solve anyway, so its cost is measured.
-            kw["adjoint_unconverged"] = "solve"
-    elif mode == "remat":
-        kw["remat"] = True
-    elif mode != "full":
-        raise ValueError(f"gradient mode {mode!r} needs RelaxConfig.grad_mode")
+    kw["grad_mode"] = mode
+    if REGISTRY[mode].uses_adjoint:
+        # tol=0: nothing converges; "solve" runs the adjoint solve anyway, so its cost is measured.
+        kw["adjoint_unconverged"] = "solve"
     return RelaxConfig(**kw)
 
 
@@ -277,7 +219,7 @@ def jax_rollout(spec: dict) -> dict:
 
 def jax_bptt(spec: dict) -> dict:
     jax, model, batch, cfg = _jax_setup(spec)
-    from bptt_jax.bptt import BPTT, OptimConfig, count_params
+    from bptt_jax.bptt import BPTT, OptimConfig, count_params, jit_train_step
 
     frames, mode = spec["frames"], spec["mode"]
     relax_cfg = _relax_config(spec, mode, frames)
@@ -285,20 +227,19 @@ def jax_bptt(spec: dict) -> dict:
     key = jax.random.PRNGKey(0)
     params = bptt.init_params(key, batch)
     state0 = bptt.init_state(params, key)
-    batch1, state1 = batch, state0  # one-device copies for the FLOP count
+    # One-device shapes for the FLOP count (the step donates state0, so not the arrays themselves).
+    batch1, state1 = batch, jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state0)
     mesh, batch = _data_parallel(spec, jax, batch)
-    if mesh is None:
-        train_step, extra_args = bptt.train_step, ()
-    else:  # data parallel: the pipeline's sharded step (state replicated, batch split over the devices)
-        from bptt_jax.parallel import replicate, shard_train_step
+    if mesh is not None:  # data parallel: the pipeline's sharded step (state replicated, batch split over the devices)
+        from bptt_jax.parallel import replicate
 
         state0 = replicate(state0, mesh)
-        train_step, extra_args = shard_train_step(bptt, mesh), (None,)
+    train_step, extra_args = jit_train_step(bptt, mesh), (None,)  # ref_params None: a mesh's jit takes no defaults
 
     result = _base(spec)
     _model_info(result, cfg, count_params(params["model"]), jax.__version__)
     result["relax_config"] = {k: v for k, v in dataclasses.asdict(relax_cfg).items()
-                              if k in ("grad_mode", "remat", "remat_segment", "sample_frames", "adjoint_solver",
+                              if k in ("grad_mode", "remat_segment", "sample_frames", "adjoint_solver",
                                        "adjoint_iters", "adjoint_tol", "adjoint_unconverged", "max_frames", "tol",
                                        "step_size")}
     result["relax_config"]["window"] = relax_cfg.window_frames
@@ -311,7 +252,7 @@ def jax_bptt(spec: dict) -> dict:
     _xla_memory(compiled, result, spec)
     holder = {"state": state0}
 
-    def step():
+    def step():  # the step donates its state: each call starts from the state the previous one returned
         state, metrics = compiled(holder["state"], batch, *extra_args)
         jax.block_until_ready((state, metrics))
         holder["state"] = state
@@ -331,7 +272,7 @@ def jax_bptt(spec: dict) -> dict:
     fwd = _flops(jax.jit(lambda p, b: b_fwd.rollout(p, b, None, mode="while").positions)
                  .lower(params, batch1).compile())
     b_step = BPTT(model, fwd_cfg, OptimConfig())
-    fb = _flops(b_step.train_step.lower(state1, batch1).compile())
+    fb = _flops(jit_train_step(b_step).lower(state1, batch1).compile())
     result["flops_per_frame_fwd"], result["flops_per_frame_fwd_bwd"] = fwd, fb
     flops = None
     if fwd and fb:

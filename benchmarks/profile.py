@@ -113,7 +113,7 @@ def build(args):
     import jax
 
     from benchmarks.cases import _jax_setup, _relax_config
-    from bptt_jax.bptt import BPTT, OptimConfig
+    from bptt_jax.bptt import BPTT, OptimConfig, jit_train_step
 
     spec = dict(batch=args.batch, atoms=args.atoms, preset=args.preset, step_size=0.01)
     jax_, model, batch, _ = _jax_setup(spec)
@@ -125,9 +125,15 @@ def build(args):
         return (lambda: jax.block_until_ready(compiled(params, batch))), compiled
     bptt = BPTT(model, _relax_config(spec, args.mode, args.frames), OptimConfig())
     params = bptt.init_params(key, batch)
-    state0 = bptt.init_state(params, key)
-    compiled = bptt.train_step.lower(state0, batch).compile()
-    return (lambda: jax.block_until_ready(compiled(state0, batch))), compiled
+    holder = {"state": bptt.init_state(params, key)}
+    compiled = jit_train_step(bptt).lower(holder["state"], batch).compile()
+
+    def call():  # the step donates its state: each call starts from the state the previous one returned
+        out = jax.block_until_ready(compiled(holder["state"], batch))
+        holder["state"] = out[0]
+        return out
+
+    return call, compiled
 
 
 def main(argv=None) -> int:

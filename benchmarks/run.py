@@ -29,23 +29,13 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from benchmarks.memory import mem_available_mb, rss_mb
 from bptt_jax.runtime import CPU_XLA_FLAGS, add_xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 REQUIRED_KEYS = ("name", "impl", "mode", "batch", "atoms", "frames", "d_model", "layers", "seconds_per_step",
                  "frames_per_s", "peak_rss_mb")
-
-
-def _grad_modes() -> tuple[str, ...]:
-    """The gradient modes of the BPTT step: the names in ``relax.REGISTRY`` (older versions: ``relax.GRAD_MODES``,
-    or ``full`` + ``remat``, the older flag)."""
-    from bptt_jax import relax
-
-    modes = tuple(getattr(relax, "REGISTRY", None) or getattr(relax, "GRAD_MODES", ("full",)))
-    if "remat" not in modes:
-        modes = modes + ("remat",)
-    return modes
 
 
 # Settings of a gradient mode's benchmark case (RelaxConfig fields): first_order as the gradient-mode study
@@ -56,6 +46,7 @@ MODE_SETTINGS: dict[str, dict[str, Any]] = {"first_order": {"window": 0, "sample
 def build_cases(quick: bool = False, torch_threads: int = 2) -> list[dict[str, Any]]:
     """All benchmark cases as specs for :mod:`benchmarks.cases` (PyTorch with ``torch_threads`` threads)."""
     from bptt_jax.models import PRESETS
+    from bptt_jax.relax import REGISTRY  # every gradient mode of the BPTT step
 
     if quick:
         batch, sizes, frames, preset, repeats = 2, (8,), 5, "tiny", 1
@@ -79,12 +70,12 @@ def build_cases(quick: bool = False, torch_threads: int = 2) -> list[dict[str, A
                           **common))
         cases.append(dict(name=f"rollout_torch_n{n}", case="torch_rollout", impl="torch", mode="rollout", atoms=n,
                           threads=torch_threads, model_cfg=cfg, **common))
-        for mode in _grad_modes():
+        for mode in REGISTRY:
             cases.append(dict(name=f"bptt_jax_{mode}_n{n}", case="jax_bptt", impl="jax", mode=mode, atoms=n,
                               relax_extra=MODE_SETTINGS.get(mode, {}), **common))
         cases.append(dict(name=f"bptt_torch_full_n{n}", case="torch_bptt", impl="torch", mode="full", atoms=n,
                           threads=torch_threads, model_cfg=cfg, **common))
-        # Data parallel over 2 forced CPU devices (the batch split 4 + 4; parallel.shard_train_step): the
+        # Data parallel over 2 forced CPU devices (the batch split 4 + 4; bptt.jit_train_step on a mesh): the
         # single-threaded parts (elementwise fusions, copies) of the two halves then run side by side.
         cases.append(dict(name=f"rollout_jax_n{n}_dp2", case="jax_rollout", impl="jax", mode="rollout", atoms=n,
                           devices=2, **common))
@@ -114,28 +105,6 @@ def select(cases: list[dict], patterns: Optional[list[str]]) -> list[dict]:
     return [c for c in cases if hit(c["name"])]
 
 
-def mem_available_mb() -> Optional[float]:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
-
-
-def _rss_mb(pid: int) -> Optional[float]:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return None
-
-
 def run_case(spec: dict, timeout: float, max_rss_mb: Optional[float] = None, xla_flags: str = "",
              malloc_hugepages: bool = False) -> dict:
     """Run one case in a fresh interpreter; on failure return a row with ``error``.
@@ -163,7 +132,7 @@ def run_case(spec: dict, timeout: float, max_rss_mb: Optional[float] = None, xla
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as errf:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=errf, text=True)
         while proc.poll() is None:
-            rss = _rss_mb(proc.pid) or 0.0
+            rss = rss_mb(proc.pid) or 0.0
             seen = max(seen, rss)
             if max_rss_mb and rss > max_rss_mb:
                 proc.kill()

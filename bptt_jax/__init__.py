@@ -7,11 +7,13 @@ The public API, one concept per module:
 - :mod:`bptt_jax.relax`: update rules as ``(init_fn, step_fn)`` pairs, scan / while rollouts under one stop rule,
   and gradient methods (how a rollout is differentiated) as small objects.
 - :mod:`bptt_jax.losses`: Dq, MSE and force errors.
-- :mod:`bptt_jax.bptt`: parameters, the rollout loss and the jitted BPTT train step.
+- :mod:`bptt_jax.bptt`: parameters, the rollout loss, the BPTT train step and the one place it is jitted
+  (``jit_train_step``, ``jit_fit_step``; one device or a data mesh).
 - :mod:`bptt_jax.inference`: ``relax_many``, bucketed in-flight relaxation of many structures.
 """
 
-from bptt_jax.bptt import BPTT, OptimConfig, TrainState, count_params, make_optimizer
+from bptt_jax.bptt import (BPTT, FitStep, OptimConfig, TrainState, count_params, jit_fit_step, jit_train_step,
+                           make_optimizer)
 from bptt_jax.inference import InferenceStats, RelaxOutcome, relax_many
 from bptt_jax.losses import dq, force_l2, force_mse, masked_mean, position_mse, structure_loss
 from bptt_jax.models import ADAPT, PRESETS, ResMLP, StepHead, build_model
@@ -22,9 +24,9 @@ from bptt_jax.structures import DEFAULT_BUCKETS, Batch, Structure, bucket_size, 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ADAPT", "BPTT", "Batch", "DEFAULT_BUCKETS", "DescentState", "FireState", "InferenceStats", "OptimConfig",
-    "PRESETS", "RelaxConfig", "RelaxOutcome", "ResMLP", "RolloutResult", "StepHead", "Structure", "TrainState",
-    "UpdateRule", "build_model", "bucket_size", "count_params", "descent", "displacement", "dq", "fire", "force_l2",
-    "force_mse", "make_optimizer", "masked_mean", "minimum_image", "position_mse", "relax_many",
-    "rms_movement", "rollout", "structure_loss",
+    "ADAPT", "BPTT", "Batch", "DEFAULT_BUCKETS", "DescentState", "FireState", "FitStep", "InferenceStats",
+    "OptimConfig", "PRESETS", "RelaxConfig", "RelaxOutcome", "ResMLP", "RolloutResult", "StepHead", "Structure",
+    "TrainState", "UpdateRule", "build_model", "bucket_size", "count_params", "descent", "displacement", "dq", "fire",
+    "force_l2", "force_mse", "jit_fit_step", "jit_train_step", "make_optimizer", "masked_mean", "minimum_image",
+    "position_mse", "relax_many", "rms_movement", "rollout", "structure_loss",
 ]

@@ -5,7 +5,8 @@ Everything here is a pure function of explicit pytrees::
     bptt = BPTT(model, RelaxConfig(...), OptimConfig(...))
     params = bptt.init_params(key, batch)              # {"model": ..., ["log_step_size"], ["step_head"]}
     state = bptt.init_state(params, key)               # TrainState(params, opt_state, step, rng)
-    state, metrics = bptt.train_step(state, batch)     # jit: value_and_grad through the rollout, clip+Adam
+    train_step = jit_train_step(bptt)                  # jax.jit(bptt.train_step), the state donated
+    state, metrics = train_step(state, batch)          # value_and_grad through the rollout, clip+Adam
 
 ``batch`` is a :class:`~bptt_jax.structures.Batch` with ``target_positions``. The loss is the mean over
 real structures of Dq (paper Eq. 4) or MSE of the final positions, plus an optional proximal L2 term to
@@ -14,11 +15,26 @@ reference parameters (App. C.2).
 Training-only variations of the rollout (:class:`OptimConfig`: exploration noise, a stop rule drawn per step,
 App. C.1 and C.4) enter :meth:`BPTT.loss` as traced values, so they change from step to step without a new
 compilation, and never reach :meth:`BPTT.evaluate` or :meth:`BPTT.relax_batch`.
+
+What is jitted, and where:
+
+- :meth:`BPTT.train_step` ``(state, batch, ref_params=None, n_frames=None)`` is a plain method, never jitted
+  by the class. :func:`jit_train_step` is the one place it is jitted, for one device (``mesh=None``) or for a
+  data mesh (state and ``ref_params`` replicated, the batch split along ``"data"``); in both cases
+  ``n_frames`` is static and the state is donated: its buffers are reused for the new state, so a state passed
+  to the step must not be used again (:meth:`BPTT.init_state` copies its inputs, so the caller's parameters
+  and key survive). :func:`jit_fit_step` adds ``relax.length_quantum``'s early-exit probe
+  (:meth:`BPTT.frames_needed`, :meth:`BPTT.scan_length`) around the same jitted step (:class:`FitStep`).
+- :attr:`BPTT.relax_batch` and :attr:`BPTT.evaluate`, the inference entry points, are jitted once per
+  :class:`BPTT` on first use (``functools.cached_property``): they have no state to donate and no shardings to
+  choose (sharded inputs carry their own), and every caller (the pipeline evaluates each epoch, in-flight
+  inference, the experiments) then shares one compilation per shape without holding a jitted function itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, ClassVar, NamedTuple, Optional, Union
 
@@ -28,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bptt_jax import parallel
 from bptt_jax import relax as relax_lib
 from bptt_jax.losses import masked_mean, structure_loss
 from bptt_jax.models.step_head import StepHead
@@ -200,7 +217,9 @@ def make_step(config: RelaxConfig, head: Optional[StepHead] = None) -> StepSize:
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything that changes during training: parameters, optimiser state, step count, PRNG key."""
+    """Everything that changes during training: parameters, optimiser state, step count, PRNG key.
+
+    The jitted step (:func:`jit_train_step`) donates it: once passed to the step, a state is gone."""
 
     params: Params
     opt_state: optax.OptState
@@ -246,13 +265,11 @@ class BPTT:
                              f"{self.relax.max_frames}")
         if isinstance(step, NetworkStep) and self.step_head is None:
             object.__setattr__(self, "step_head", step.head)
-        object.__setattr__(self, "step", step)  # how η is parameterised: FixedStep, LearnedStep or NetworkStep
-        # Jitted entry points; the instance is captured by closure, so each shape compiles once.
-        object.__setattr__(self, "train_step", jax.jit(self._train_step))
-        object.__setattr__(self, "_train_step_frames", jax.jit(self._train_step, static_argnames=("n_frames",)))
-        object.__setattr__(self, "_frames_needed", jax.jit(self._needed))
-        object.__setattr__(self, "relax_batch", jax.jit(self._relax_batch, static_argnames=("mode", "record")))
-        object.__setattr__(self, "evaluate", jax.jit(self._evaluate))
+
+    @functools.cached_property
+    def step(self) -> StepSize:
+        """How η is parameterised: :class:`FixedStep`, :class:`LearnedStep` or :class:`NetworkStep`."""
+        return make_step(self.relax, self.step_head)
 
     # -- parameters ---------------------------------------------------------------------------------
 
@@ -275,6 +292,9 @@ class BPTT:
         params.update(self.step.init_params(key, batch, step_size))
 
     def init_state(self, params: Params, key: Array) -> TrainState:
+        """A fresh train state on copies of ``params`` and ``key``: the step donates the state, and the caller's
+        parameters (a proximal reference, a validation baseline) and key must outlive it."""
+        params, key = jax.tree_util.tree_map(jnp.copy, (params, key))
         return TrainState(params, make_optimizer(self.optim).init(params), jnp.zeros((), jnp.int32), key)
 
     def step_size(self, params: Params) -> Optional[Array]:
@@ -334,9 +354,16 @@ class BPTT:
             frame_limit = jax.random.randint(k_frames, (), o.stop_frames_range[0], o.stop_frames_range[1] + 1)
         return RolloutOverrides(noise, tol, frame_limit)
 
-    def _relax_batch(self, params: Params, batch: Batch, key: Optional[Array] = None, *, mode: str = "while",
-                     record: bool = False) -> RolloutResult:
-        return self.rollout(params, batch, key, mode=mode, record=record)
+    @functools.cached_property
+    def relax_batch(self) -> Callable[..., RolloutResult]:
+        """Jitted ``relax_batch(params, batch, key=None, *, mode="while", record=False) -> RolloutResult``:
+        :meth:`rollout` for inference (early exit by default; ``mode`` and ``record`` static), compiled once
+        per shape for this :class:`BPTT`."""
+        def relax_batch(params: Params, batch: Batch, key: Optional[Array] = None, *, mode: str = "while",
+                        record: bool = False) -> RolloutResult:
+            return self.rollout(params, batch, key, mode=mode, record=record)
+
+        return jax.jit(relax_batch, static_argnames=("mode", "record"))
 
     # -- loss and training --------------------------------------------------------------------------
 
@@ -368,41 +395,24 @@ class BPTT:
                "converged": result.converged, "diverged": result.diverged}
         return total, aux
 
-    def fit_step(self, state: TrainState, batch: Batch,
-                 ref_params: Optional[Params] = None) -> tuple[TrainState, dict[str, Array]]:
-        """``train_step`` that does not pay for frames after the batch has converged (host-level call).
+    def train_step(self, state: TrainState, batch: Batch, ref_params: Optional[Params] = None,
+                   n_frames: Optional[int] = None) -> tuple[TrainState, dict[str, Array]]:
+        """One optimiser step: ``value_and_grad`` of :meth:`loss` through the rollout, clip + Adam.
 
-        With ``relax.length_quantum = q > 0`` and gradient mode ``full`` or ``remat``, a cheap early-exit forward
-        pass (same parameters and PRNG key as the step) finds the frames the batch needs; the differentiated
-        scan then runs that many frames rounded up to a multiple of q (at most ``max_frames``), so memory and
-        backward time follow the batch rather than the budget. One compilation per (size bucket, length).
-        The other gradient modes stop early by construction and go straight to ``train_step``.
+        A pure function, not jitted here: :func:`jit_train_step` jits it (state donated, ``n_frames`` static).
+
+        Args:
+          state: the train state (its key is split: one half for this step's rollout, one for the next state).
+          batch: structures with ``target_positions``.
+          ref_params: the proximal term's reference parameters (``optim.prox_weight``); None = no term.
+          n_frames: differentiate a scan of this many frames instead of ``relax.max_frames``
+            (:class:`FitStep` passes :meth:`scan_length`).
+
+        Returns:
+          ``(new_state, metrics)``: scalars ``total``, ``loss``, ``grad_norm``, ``frames`` (mean over real
+          structures), ``diverged``, ``converged`` (counts), and where they apply ``step_size``, the drawn
+          ``noise`` / ``tol`` / ``frame_limit`` and ``adjoint_residual``.
         """
-        length = self.fit_length(state, batch)
-        if length is None:
-            return self.train_step(state, batch, ref_params)
-        return self._train_step_frames(state, batch, ref_params, n_frames=length)
-
-    def fit_length(self, state: TrainState, batch: Batch) -> Optional[int]:
-        """The scan length :meth:`fit_step` differentiates (None: the whole ``max_frames`` scan of
-        ``train_step``): the frames an early-exit forward pass of ``batch`` needs, rounded up to a multiple of
-        ``relax.length_quantum``. Works on sharded inputs as well (:func:`bptt_jax.parallel.shard_fit_step`)."""
-        q = self.relax.length_quantum
-        if q <= 0 or self.relax.method.early_exit:
-            return None
-        _, key = jax.random.split(state.rng)
-        needed = int(self._frames_needed(state.params, batch, key, state.step))
-        return min(self.relax.max_frames, max(q, -(-needed // q) * q))
-
-    def _needed(self, params: Params, batch: Batch, key: Array, step: Optional[Array] = None) -> Array:
-        # The same key, noise and stop rule as the training step that follows (step: the state's count).
-        overrides = self.training_overrides(jnp.zeros((), jnp.int32) if step is None else step, key)
-        noisy = self.relax.noise or (overrides is not None and overrides.noise is not None)
-        use_key = key if (self.relax.dropout or noisy) else None
-        return jnp.max(self.rollout(params, batch, use_key, mode="while", overrides=overrides).frames)
-
-    def _train_step(self, state: TrainState, batch: Batch, ref_params: Optional[Params] = None,
-                    n_frames: Optional[int] = None) -> tuple[TrainState, dict[str, Array]]:
         rng, key = jax.random.split(state.rng)
         overrides = self.training_overrides(state.step, key)
         residual = None
@@ -436,12 +446,111 @@ class BPTT:
             metrics["adjoint_residual"] = jnp.max(jnp.where(smask, residual, 0.0))
         return TrainState(params, opt_state, state.step + 1, rng), metrics
 
-    def _evaluate(self, params: Params, batch: Batch) -> dict[str, Array]:
-        """Inference relaxation (early exit) and per-structure loss; no gradients."""
-        result = self.rollout(params, batch, None, mode="while")
-        return {"per_structure": structure_loss(self.optim.loss, result.positions, batch),
-                "frames": result.frames, "converged": result.converged, "diverged": result.diverged,
-                "positions": result.positions}
+    # -- early-exit probe of FitStep ----------------------------------------------------------------
+
+    @property
+    def adapts_length(self) -> bool:
+        """Whether :class:`FitStep` probes each batch for its scan length (``relax.length_quantum > 0`` with a
+        gradient method that does not stop early by construction)."""
+        return self.relax.length_quantum > 0 and not self.relax.method.early_exit
+
+    def frames_needed(self, params: Params, batch: Batch, key: Array, step: Optional[Array] = None) -> Array:
+        """Frames the slowest structure of ``batch`` takes in an early-exit forward pass (no gradients), with the
+        key, noise and stop rule of the training step that follows (``key``: that step's rollout key, ``step``:
+        the state's count)."""
+        overrides = self.training_overrides(jnp.zeros((), jnp.int32) if step is None else step, key)
+        noisy = self.relax.noise or (overrides is not None and overrides.noise is not None)
+        use_key = key if (self.relax.dropout or noisy) else None
+        return jnp.max(self.rollout(params, batch, use_key, mode="while", overrides=overrides).frames)
+
+    def scan_length(self, needed: int) -> int:
+        """The scan a batch needing ``needed`` frames differentiates: rounded up to a multiple of
+        ``relax.length_quantum`` (at least one quantum, at most ``max_frames``), so that lengths, and with them
+        compilations, come in few sizes."""
+        q = self.relax.length_quantum
+        return min(self.relax.max_frames, max(q, -(-needed // q) * q))
+
+    # -- inference ------------------------------------------------------------------------------------
+
+    @functools.cached_property
+    def evaluate(self) -> Callable[[Params, Batch], dict[str, Array]]:
+        """Jitted ``evaluate(params, batch) -> dict``: the inference relaxation (early exit) and the
+        per-structure loss, no gradients; ``per_structure``, ``frames``, ``converged``, ``diverged`` (B,) and
+        ``positions`` (B, N, 3) Å. Compiled once per shape for this :class:`BPTT`."""
+        def evaluate(params: Params, batch: Batch) -> dict[str, Array]:
+            result = self.rollout(params, batch, None, mode="while")
+            return {"per_structure": structure_loss(self.optim.loss, result.positions, batch),
+                    "frames": result.frames, "converged": result.converged, "diverged": result.diverged,
+                    "positions": result.positions}
+
+        return jax.jit(evaluate)
+
+
+TrainStep = Callable[..., tuple[TrainState, dict[str, Array]]]
+
+
+def jit_train_step(bptt: BPTT, mesh: Optional[jax.sharding.Mesh] = None) -> TrainStep:
+    """:meth:`BPTT.train_step` jitted: ``step(state, batch, ref_params=None, n_frames=None) -> (state, metrics)``.
+
+    The only place the train step is jitted. ``state`` is donated (XLA writes the new state into its buffers;
+    do not use it after the call) and ``n_frames`` is static (one compilation per scan length and batch shape).
+
+    Args:
+      bptt: the trainer.
+      mesh: None for one device. A data mesh (:func:`bptt_jax.parallel.data_mesh`): ``state`` and
+        ``ref_params`` replicated, ``batch`` split along ``"data"`` (its size a multiple of ``mesh.size``, see
+        :func:`~bptt_jax.parallel.shard_batch`); the new state and the metrics come back replicated. XLA adds
+        the cross-device reductions of the batch mean: the step is that of one device on the whole batch (up
+        to summation order). A jit with shardings takes positional arguments only:
+        ``step(state, batch, ref_params)`` (None allowed) or ``step(state, batch, ref_params, n_frames)``.
+    """
+    shardings = {}
+    if mesh is not None:
+        rep, data = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+        shardings = dict(in_shardings=(rep, data, rep), out_shardings=(rep, rep))
+    return jax.jit(bptt.train_step, static_argnames="n_frames", donate_argnames="state", **shardings)
+
+
+@dataclasses.dataclass(frozen=True)
+class FitStep:
+    """The train step that does not pay for frames after the batch has converged (made by :func:`jit_fit_step`):
+    ``fit_step(state, batch, ref_params=None) -> (state, metrics)``, a host-level call.
+
+    With :attr:`BPTT.adapts_length` (``relax.length_quantum = q > 0``, gradient method ``full`` or ``remat``), a
+    cheap early-exit forward pass (``probe``: :meth:`BPTT.frames_needed` jitted, same parameters and PRNG key as
+    the step) finds the frames the batch needs; the differentiated scan then runs that many frames rounded up
+    to a multiple of q (:meth:`BPTT.scan_length`), so memory and backward time follow the batch rather than the
+    budget: one compilation of ``step`` per (size bucket, length). Otherwise ``step`` scans ``max_frames``.
+
+    Attributes:
+      bptt: the trainer.
+      step: its jitted train step (:func:`jit_train_step`; the state is donated).
+      probe: ``jax.jit(bptt.frames_needed)``, or None when the length does not adapt.
+    """
+
+    bptt: BPTT
+    step: TrainStep
+    probe: Optional[Callable[..., Array]]
+
+    def length(self, state: TrainState, batch: Batch) -> Optional[int]:
+        """The scan length the step for ``batch`` differentiates (None: ``max_frames``; the state is kept)."""
+        if self.probe is None:
+            return None
+        _, key = jax.random.split(state.rng)  # the rollout key the step will draw
+        return self.bptt.scan_length(int(self.probe(state.params, batch, key, state.step)))
+
+    def __call__(self, state: TrainState, batch: Batch,
+                 ref_params: Optional[Params] = None) -> tuple[TrainState, dict[str, Array]]:
+        n_frames = self.length(state, batch)
+        if n_frames is None:
+            return self.step(state, batch, ref_params)
+        return self.step(state, batch, ref_params, n_frames)
+
+
+def jit_fit_step(bptt: BPTT, mesh: Optional[jax.sharding.Mesh] = None) -> FitStep:
+    """:class:`FitStep` around :func:`jit_train_step` ``(bptt, mesh)``: the step with ``relax.length_quantum``'s
+    early-exit probe, for one device or a data mesh (sharded inputs carry their shardings into the probe)."""
+    return FitStep(bptt, jit_train_step(bptt, mesh), jax.jit(bptt.frames_needed) if bptt.adapts_length else None)
 
 
 def count_params(tree: Any) -> int:

@@ -3,13 +3,14 @@
 Single host, several devices (GPUs, TPU cores, or ``--xla_force_host_platform_device_count`` CPU devices)::
 
     mesh = data_mesh()                                  # all devices, axis "data"
-    step = shard_train_step(bptt, mesh)                 # jit with state replicated, batch split
+    step = jit_train_step(bptt, mesh)                   # bptt_jax.bptt: state replicated, batch split
     state = replicate(state, mesh)
     state, metrics = step(state, shard_batch(batch, mesh), None)
 
 :meth:`BPTT.loss <bptt_jax.bptt.BPTT.loss>` is a masked mean over the *global* batch, so jitting the
-unchanged train step with these shardings makes XLA insert the all-reduces: the gradients, the update and
-the metrics are exactly those of one device on the same batch (up to floating-point summation order).
+unchanged train step with these shardings (:func:`~bptt_jax.bptt.jit_train_step`, the one place it is jitted,
+with :func:`replicated` and :func:`batch_sharding`) makes XLA insert the all-reduces: the gradients, the update
+and the metrics are exactly those of one device on the same batch (up to floating-point summation order).
 
 Several hosts (processes): every process calls :func:`initialize` first (``jax.distributed.initialize``;
 on CPU the cross-process collectives are gloo's, selected with ``jax_cpu_collectives_implementation``),
@@ -25,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -232,36 +233,5 @@ def unreplicate(tree: Any) -> Any:
     return jax.tree_util.tree_map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, tree)
 
 
-# ---------------------------------------------------------------------------------------------------
-# The sharded train step
-
-
-def shard_train_step(bptt, mesh: Mesh) -> Callable:
-    """``bptt``'s train step jitted for ``mesh``: ``step(state, batch, ref_params) -> (state, metrics)``.
-
-    ``state`` and ``ref_params`` (may be None) are replicated, ``batch`` is split along ``"data"`` (use
-    :func:`shard_batch`; its size must be a multiple of ``mesh.size``); the returned state and metrics are
-    replicated. The step is :class:`~bptt_jax.bptt.BPTT`'s own (same loss, same optimiser); XLA adds the
-    cross-device reductions of the batch mean. An optional fourth argument ``n_frames`` (static) scans that
-    many frames instead of ``max_frames`` (what :func:`shard_fit_step` passes).
-    """
-    rep, data = replicated(mesh), batch_sharding(mesh)
-    return jax.jit(bptt._train_step, in_shardings=(rep, data, rep), out_shardings=(rep, rep), static_argnums=(3,))
-
-
-def shard_fit_step(bptt, mesh: Mesh) -> Callable:
-    """:meth:`BPTT.fit_step <bptt_jax.bptt.BPTT.fit_step>` for ``mesh`` (same arguments as
-    :func:`shard_train_step`): with ``relax.length_quantum > 0`` an early-exit forward pass on the sharded batch
-    finds the frames it needs and the differentiated scan runs only that many (one compilation per length);
-    otherwise it is the sharded train step.
-    """
-    step = shard_train_step(bptt, mesh)
-
-    def fit(state, batch, ref_params=None):
-        return step(state, batch, ref_params, bptt.fit_length(state, batch))
-
-    return fit
-
-
 __all__ = ["DATA_AXIS", "DistributedConfig", "batch_sharding", "data_mesh", "initialize", "is_primary", "local_mesh",
-           "local_mesh_size", "pad_batch", "replicate", "replicated", "shard_batch", "shard_fit_step", "shard_train_step", "sync", "unreplicate"]
+           "local_mesh_size", "pad_batch", "replicate", "replicated", "shard_batch", "sync", "unreplicate"]

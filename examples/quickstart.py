@@ -20,8 +20,9 @@ bptt = bj.BPTT(
     bj.OptimConfig(learning_rate=1e-3, clip_norm=1.0),
 )
 state = bptt.init_state(bptt.init_params(jax.random.PRNGKey(0), batch), jax.random.PRNGKey(1))
+train_step = bj.jit_train_step(bptt)  # jitted once per batch shape; donates the state it is given
 for step in range(3):
-    state, metrics = bptt.train_step(state, batch)
+    state, metrics = train_step(state, batch)
     print(f"step {step}: Avg Dq {float(metrics['loss']):.3f}  frames {float(metrics['frames']):.1f}  "
           f"eta {float(metrics['step_size']):.4f}")
 

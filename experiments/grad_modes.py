@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from benchmarks.memory import maxrss_mb, mem_available_mb
 from bptt_jax.relax import REGISTRY, method_fields
 from bptt_jax.runtime import CPU_XLA_FLAGS, add_xla_flags
 
@@ -73,18 +73,6 @@ def variant_name(mode: str, window: int, samples: int) -> str:
     return f"{mode}-w{window}" if mode in WINDOWED else mode
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _mem_available_mb() -> float:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) / 1024.0
-    return float("inf")
-
-
 # ----------------------------------------------------------------------------------------------------
 # cost
 
@@ -92,10 +80,11 @@ def _mem_available_mb() -> float:
 def cost_child(mode: str, frames: int, atoms: int, batch: int, repeats: int) -> dict:
     """One measurement (runs in a fresh process so that ru_maxrss is this configuration's peak)."""
     import jax
+    import jax.numpy as jnp
     import numpy as np
     from ase.build import bulk
 
-    from bptt_jax.bptt import BPTT
+    from bptt_jax.bptt import BPTT, jit_train_step
     from bptt_jax.models import build_model
     from bptt_jax.relax import RelaxConfig
     from bptt_jax.structures import Batch, Structure
@@ -120,32 +109,36 @@ def cost_child(mode: str, frames: int, atoms: int, batch: int, repeats: int) -> 
                         diverge_distance=float("inf"))
     bptt = BPTT(model, relax)
     state = bptt.init_state(bptt.init_params(jax.random.PRNGKey(0), b), jax.random.PRNGKey(1))
-    base_rss = _rss_mb()
+    base_rss = maxrss_mb()
     t0 = time.perf_counter()
-    step = bptt.train_step.lower(state, b).compile()
+    step = jit_train_step(bptt).lower(state, b).compile()
     mem = step.memory_analysis()
     temp_mb = (mem.temp_size_in_bytes + mem.output_size_in_bytes) / 2 ** 20 if mem is not None else 0.0
-    avail_mb = _mem_available_mb() - 1024.0
+    avail_mb = (mem_available_mb() or float("inf")) - 1024.0
     if temp_mb > avail_mb:  # a full-unroll tape that does not fit in RAM: report instead of swapping or dying
         return {"part": "cost", "mode": mode, "frames": frames, "atoms": atoms, "batch": batch,
                 "xla_temp_mb": temp_mb, "loadavg_1m": os.getloadavg()[0], "error": f"not run: XLA needs {temp_mb:.0f} MB of buffers, "
                                                  f"{avail_mb:.0f} MB available"}
-    _, m = step(state, b)
+    def fresh():  # the step donates the state it is given: a copy of `state`, made before the clock starts
+        return jax.block_until_ready(jax.tree_util.tree_map(jnp.copy, state))
+
+    _, m = step(fresh(), b)
     jax.block_until_ready(m["loss"])
     compile_s = time.perf_counter() - t0
     times = []
     # Every timed step starts from the same state: advancing it, a fresh model's first Adam steps at 200
     # frames blew the relaxation up to NaN at frame 1, and the early-exit modes then timed a 1-frame step.
     for _ in range(repeats):
+        start = fresh()
         t0 = time.perf_counter()
-        _, m = step(state, b)
+        _, m = step(start, b)
         jax.block_until_ready(m["loss"])
         times.append(time.perf_counter() - t0)
     sec = statistics.median(times)
     return {"part": "cost", "mode": mode, "frames": frames, "atoms": atoms, "batch": batch,
             "seconds_per_step": sec, "frames_per_s": frames * batch / sec, "first_step_s": compile_s,
             "xla_temp_mb": temp_mb, "loadavg_1m": os.getloadavg()[0],
-            "peak_rss_mb": _rss_mb(), "base_rss_mb": base_rss, "repeats": repeats,
+            "peak_rss_mb": maxrss_mb(), "base_rss_mb": base_rss, "repeats": repeats,
             "window": relax.window_frames if mode in WINDOWED else None,
             "adjoint_residual": float(m["adjoint_residual"]) if "adjoint_residual" in m else None,
             # what the step really ran: a structure that diverges is frozen, and a batch whose structures have

@@ -4,7 +4,7 @@ import numpy as np
 import optax
 import pytest
 
-from bptt_jax.bptt import BPTT, FixedStep, LearnedStep, NetworkStep, OptimConfig, proximal_term
+from bptt_jax.bptt import BPTT, FixedStep, LearnedStep, NetworkStep, OptimConfig, jit_train_step, proximal_term
 from bptt_jax.models import ADAPT, build_model
 from bptt_jax.relax import RelaxConfig
 from bptt_jax.structures import Batch
@@ -63,11 +63,27 @@ def test_train_step_does_not_recompile_within_a_bucket(si_pairs):
     batch_b = _batch(others, batch_size=4)
     assert batch_a.positions.shape == batch_b.positions.shape
     state = bptt.init_state(bptt.init_params(KEY, batch_a), KEY)
-    state, _ = bptt.train_step(state, batch_a)
-    state, _ = bptt.train_step(state, batch_b)
-    state, _ = bptt.train_step(state, batch_a)
-    assert bptt.train_step._cache_size() == 1
+    step = jit_train_step(bptt)
+    state, _ = step(state, batch_a)
+    state, _ = step(state, batch_b)
+    state, _ = step(state, batch_a)
+    assert step._cache_size() == 1
     assert int(state.step) == 3
+
+
+def test_the_step_donates_the_state_and_init_state_copies_its_inputs(si_pairs):
+    """The jitted step reuses the state's buffers: a state passed to it is gone, but the parameters and key
+    it was made from survive (init_state copies them), so they can serve as the proximal reference."""
+    batch = _batch(si_pairs, batch_size=4)
+    bptt = BPTT(build_model("adapt", "tiny"), RelaxConfig(step_size=0.05, step_mode="learned", max_frames=3),
+                OptimConfig(prox_weight=1.0))
+    params, key = bptt.init_params(KEY, batch), jax.random.PRNGKey(5)
+    state = bptt.init_state(params, key)
+    new, metrics = jit_train_step(bptt)(state, batch, params)
+    assert all(x.is_deleted() for x in jax.tree_util.tree_leaves(state.params))
+    assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves((params, key)))
+    assert float(metrics["total"]) == float(metrics["loss"])  # the reference is where the step started
+    assert float(proximal_term(new.params, params)) > 0
 
 
 def test_a_few_steps_reduce_the_loss(si_pairs):
@@ -75,9 +91,10 @@ def test_a_few_steps_reduce_the_loss(si_pairs):
     bptt = BPTT(build_model("adapt", "tiny"), RelaxConfig(step_size=0.05, step_mode="learned", max_frames=15),
                 OptimConfig(learning_rate=3e-3, clip_norm=10.0))
     state = bptt.init_state(bptt.init_params(KEY, batch), KEY)
+    step = jit_train_step(bptt)
     losses = []
     for _ in range(25):
-        state, metrics = bptt.train_step(state, batch)
+        state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))
     assert np.all(np.isfinite(losses))
     assert losses[-1] < 0.5 * losses[0], losses
@@ -92,8 +109,9 @@ def test_proximal_term_anchors_parameters(si_pairs):
                     OptimConfig(learning_rate=1e-2, prox_weight=weight))
         ref = bptt.init_params(KEY, batch)
         state = bptt.init_state(ref, KEY)
+        step = jit_train_step(bptt)
         for _ in range(10):
-            state, metrics = bptt.train_step(state, batch, ref)
+            state, metrics = step(state, batch, ref)
         distances[weight] = float(proximal_term(state.params, ref))
         if weight:
             assert float(metrics["total"]) > float(metrics["loss"])
@@ -122,6 +140,9 @@ def test_evaluate_and_relax_batch(si_pairs):
     out = bptt.evaluate(params, batch)
     res = bptt.relax_batch(params, batch)
     np.testing.assert_array_equal(np.asarray(out["frames"]), np.asarray(res.frames))
+    # Jitted once per BPTT, on first use: a second call reuses the compilation.
+    bptt.evaluate(params, batch)
+    assert bptt.evaluate is bptt.evaluate and bptt.evaluate._cache_size() == 1
     assert out["per_structure"].shape == (4,) and float(out["per_structure"][3]) == 0.0
 
 
@@ -133,9 +154,10 @@ def test_learned_step_size_stays_positive_when_driven_to_zero(si_pairs):
     bptt = BPTT(build_model("adapt", "tiny"), RelaxConfig(step_size=0.05, step_mode="learned", max_frames=5),
                 OptimConfig(learning_rate=1e-3, step_learning_rate=0.5, clip_norm=None))
     state = bptt.init_state(bptt.init_params(KEY, batch), KEY)
+    step = jit_train_step(bptt)
     etas = []
     for _ in range(30):
-        state, metrics = bptt.train_step(state, batch)
+        state, metrics = step(state, batch)
         etas.append(float(metrics["step_size"]))
     assert all(np.isfinite(etas)) and min(etas) > 0.0, etas
     assert etas[-1] < 0.01 * 0.05 and np.all(np.diff(etas) < 0), etas  # driven 100x down, still positive
@@ -147,24 +169,26 @@ def test_step_learning_rate_is_the_relative_change_of_eta(si_pairs):
     bptt = BPTT(build_model("adapt", "tiny"), RelaxConfig(step_size=0.05, step_mode="learned", max_frames=5),
                 OptimConfig(learning_rate=0.0, step_learning_rate=0.01))
     state = bptt.init_state(bptt.init_params(KEY, batch), KEY)
-    new, _ = bptt.train_step(state, batch)
+    before = jax.tree_util.tree_map(np.array, state.params)  # host copies: the step donates the state
+    new, _ = jit_train_step(bptt)(state, batch)
     # Adam's first step moves log η by (almost exactly) its rate; the model (rate 0) does not move.
-    assert abs(float(new.params["log_step_size"] - state.params["log_step_size"])) == pytest.approx(0.01, rel=1e-3)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                           new.params["model"], state.params["model"])
+    assert abs(float(new.params["log_step_size"] - before["log_step_size"])) == pytest.approx(0.01, rel=1e-3)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b),
+                           new.params["model"], before["model"])
 
 
 def test_frozen_model_keeps_its_parameters_bit_for_bit(si_pairs):
     batch = _batch(si_pairs, batch_size=4)
     bptt = BPTT(build_model("adapt", "tiny"), RelaxConfig(step_size=0.05, step_mode="learned", max_frames=5),
                 OptimConfig(learning_rate=1e-2, step_learning_rate=0.05, freeze_model=True))
-    state0 = bptt.init_state(bptt.init_params(KEY, batch), KEY)
-    state = state0
+    state = bptt.init_state(bptt.init_params(KEY, batch), KEY)
+    start = jax.tree_util.tree_map(np.array, state.params)  # host copies: the step donates the state
+    step = jit_train_step(bptt)
     for _ in range(3):
-        state, _ = bptt.train_step(state, batch)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                           state.params["model"], state0.params["model"])
-    assert float(state.params["log_step_size"]) != float(state0.params["log_step_size"])  # η still trains
+        state, _ = step(state, batch)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), b),
+                           state.params["model"], start["model"])
+    assert float(state.params["log_step_size"]) != float(start["log_step_size"])  # η still trains
     with pytest.raises(ValueError, match="nothing to train"):
         BPTT(bptt.model, RelaxConfig(step_size=0.05, step_mode="fixed"), OptimConfig(freeze_model=True))
 
@@ -175,13 +199,14 @@ def test_variable_stop_draws_a_new_rule_per_step_without_recompiling(si_pairs):
                                                           tol=1e-9),
                 OptimConfig(learning_rate=1e-4, stop_tol_range=(1e-4, 1e-2), stop_frames_range=(2, 6)))
     state = bptt.init_state(bptt.init_params(KEY, batch), KEY)
+    step = jit_train_step(bptt)
     tols, limits = [], []
     for _ in range(6):
-        state, m = bptt.train_step(state, batch)
+        state, m = step(state, batch)
         tols.append(float(m["tol"]))
         limits.append(int(m["frame_limit"]))
         assert float(m["frames"]) <= limits[-1]
-    assert bptt.train_step._cache_size() == 1
+    assert step._cache_size() == 1
     assert len(set(limits)) > 1 and len(set(tols)) == len(tols), (limits, tols)
     assert all(2 <= n <= 6 for n in limits) and all(1e-4 <= t <= 1e-2 for t in tols)
     # Evaluation keeps the configured rule: tol 1e-9 never met, so every structure takes all 8 frames.

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from bptt_jax import relax as R
-from bptt_jax.bptt import BPTT
+from bptt_jax.bptt import BPTT, jit_fit_step, jit_train_step
 from bptt_jax.models import build_model
 from bptt_jax.relax import RelaxConfig
 from bptt_jax.structures import Batch
@@ -228,13 +228,14 @@ def test_bptt_train_step_in_every_mode(si_pairs, mode):
     bptt = BPTT(model, RelaxConfig(step_size=0.01, step_mode="learned", max_frames=8, tol=0.05, grad_mode=mode,
                                    **options))
     state = bptt.init_state(bptt.init_params(jax.random.PRNGKey(0), batch), jax.random.PRNGKey(1))
-    state, metrics = bptt.train_step(state, batch)
-    state, metrics = bptt.train_step(state, batch)
+    step = jit_train_step(bptt)
+    state, metrics = step(state, batch)
+    state, metrics = step(state, batch)
     assert int(metrics["converged"]) > 0
     assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
     assert float(metrics["grad_norm"]) > 0
     assert ("adjoint_residual" in metrics) == (mode in ("implicit", "guided"))
-    assert bptt.train_step._cache_size() == 1
+    assert step._cache_size() == 1
 
 
 def test_bptt_fire_training_reduces_the_loss():
@@ -246,9 +247,10 @@ def test_bptt_fire_training_reduces_the_loss():
     from bptt_jax.bptt import OptimConfig
     bptt = BPTT(model, bptt.relax, OptimConfig(learning_rate=3e-3))
     state = bptt.init_state(bptt.init_params(jax.random.PRNGKey(0), batch), jax.random.PRNGKey(1))
+    step = jit_train_step(bptt)
     losses = []
     for _ in range(15):
-        state, m = bptt.train_step(state, batch)
+        state, m = step(state, batch)
         losses.append(float(m["loss"]))
     assert losses[-1] < 0.8 * losses[0], losses
 
@@ -275,15 +277,20 @@ def test_fit_step_scans_only_the_frames_needed(si_pairs):
     moves = np.sqrt(sq.sum(-1) / np.maximum(free.sum(-1), 1))  # RMS over free atoms, as the stop rule
     tol = float(moves[5:12, :3].max()) * 1.01  # every real structure stops somewhere before frame ~13
     bptt = BPTT(model, dataclasses.replace(cfg, tol=tol))
-    needed = int(bptt._frames_needed(state.params, batch, jax.random.PRNGKey(2)))
-    assert needed < 36, "the test batch must converge well before max_frames"
-    s_full, m_full = bptt.train_step(state, batch)
-    s_fit, m_fit = bptt.fit_step(state, batch)
+    fit = jit_fit_step(bptt)
+    length = fit.length(state, batch)
+    assert length < 36 and length % 4 == 0, "the test batch must converge well before max_frames"
+    # Each step donates its state: the full-length one gets a copy.
+    s_full, m_full = jit_train_step(bptt)(jax.tree_util.tree_map(jnp.copy, state), batch)
+    s_fit, m_fit = fit(state, batch)
     np.testing.assert_allclose(float(m_fit["loss"]), float(m_full["loss"]), rtol=1e-6)
     np.testing.assert_array_equal(float(m_fit["frames"]), float(m_full["frames"]))
     for a, b in zip(jax.tree_util.tree_leaves(s_fit.params), jax.tree_util.tree_leaves(s_full.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
-    assert bptt._train_step_frames._cache_size() == 1
+    assert fit.step._cache_size() == 1
+    length2 = fit.length(s_fit, batch)
+    fit(s_fit, batch)
+    assert fit.step._cache_size() == len({length, length2})  # one compilation per scan length
 
 
 def test_implicit_gradient_skips_structures_that_did_not_converge(converged_problem):

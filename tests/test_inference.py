@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bptt_jax.bptt import BPTT
+from bptt_jax.bptt import BPTT, jit_train_step
 from bptt_jax.inference import relax_many
 from bptt_jax.losses import structure_loss
 from bptt_jax.models import ADAPT, PRESETS
@@ -141,12 +141,13 @@ def test_one_compile_per_bucket_and_mode():
     assert {n for _, n, _ in shapes} == set(BUCKETS) and len(batches) == 2 * len(BUCKETS)
     bptt = BPTT(Well(), RelaxConfig(step_size=0.2, step_mode="learned", max_frames=6))
     state = bptt.init_state(bptt.init_params(KEY, batches[0][1]), KEY)
+    step = jit_train_step(bptt)
     for _ in range(2):
         for _, batch in batches:
-            state, metrics = bptt.train_step(state, batch)
+            state, metrics = step(state, batch)
     evaluated = [(idx, bptt.evaluate(state.params, batch)) for idx, batch in batches]
     assert np.isfinite(float(metrics["loss"]))
-    assert bptt.train_step._cache_size() == len(BUCKETS)
+    assert step._cache_size() == len(BUCKETS)
     assert bptt.evaluate._cache_size() == len(BUCKETS)
 
     outcomes, stats = relax_many(bptt, state.params, structures, batch_size=2, buckets=BUCKETS, chunk_frames=2)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from bptt_jax import parallel
-from bptt_jax.bptt import BPTT
+from bptt_jax.bptt import BPTT, jit_train_step
 from bptt_jax.models import build_model
 from bptt_jax.relax import RelaxConfig
 from bptt_jax.structures import Batch
@@ -44,7 +44,7 @@ def _batch(seeds):
 SETUP = """
 import jax, jax.numpy as jnp, numpy as np
 from bptt_jax import parallel
-from bptt_jax.bptt import BPTT
+from bptt_jax.bptt import BPTT, jit_fit_step, jit_train_step
 from bptt_jax.models import build_model
 from bptt_jax.relax import RelaxConfig
 from bptt_jax.structures import Batch
@@ -100,21 +100,28 @@ import optax
 from bptt_jax.bptt import make_optimizer
 updates, _ = make_optimizer(bptt.optim).update(g1, state.opt_state, params)
 p1 = optax.apply_updates(params, updates)
-step = parallel.shard_train_step(bptt, mesh)
-s2, m2 = step(parallel.replicate(state, mesh), sharded, None)
+step = jit_train_step(bptt, mesh)
+# The step donates its state, and a replicated copy shares device 0's buffers with its source: fresh states
+# (init_state copies params and key) keep `state` alive for what follows.
+s_rep = parallel.replicate(bptt.init_state(params, key), mesh)
+s2, m2 = step(s_rep, sharded, None)
+assert s_rep.params["log_step_size"].is_deleted()
 assert s2.params["log_step_size"].sharding.is_fully_replicated and int(s2.step) == 1
 np.testing.assert_allclose(float(m2["loss"]), float(loss1), rtol=1e-5)
 np.testing.assert_allclose(float(m2["grad_norm"]), float(optax.tree.norm(g1)), rtol=1e-5)
 jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7),
                        p1, s2.params)
+s3, _ = step(s2, sharded, None)  # a second step of the same shapes compiles nothing
+assert step._cache_size() == 1 and int(s3.step) == 2
 # The sharded fit step (what the pipeline runs): with length_quantum, the early-exit probe on the sharded batch
-# picks a shorter scan, and the step equals the one-device fit_step.
+# picks a shorter scan, and the step equals the one-device fit step.
 import dataclasses
 bq = BPTT(bptt.model, dataclasses.replace(bptt.relax, max_frames=24, tol=0.1, length_quantum=4), bptt.optim)
-length = bq.fit_length(state, sharded)
-assert length == bq.fit_length(state, full) == 4, length  # every structure stops after its first frame
-s_one, m_one = bq.fit_step(state, full)
-s_two, m_two = parallel.shard_fit_step(bq, mesh)(parallel.replicate(state, mesh), sharded, None)
+fit_one, fit_two = jit_fit_step(bq), jit_fit_step(bq, mesh)
+length = fit_two.length(state, sharded)
+assert length == fit_one.length(state, full) == 4, length  # every structure stops after its first frame
+s_one, m_one = fit_one(bq.init_state(params, key), full)
+s_two, m_two = fit_two(parallel.replicate(bq.init_state(params, key), mesh), sharded, None)
 np.testing.assert_allclose(float(m_two["loss"]), float(m_one["loss"]), rtol=1e-5)
 jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7),
                        s_one.params, s_two.params)
@@ -189,8 +196,7 @@ import jax, jax.numpy""", 1) + """
 assert (jax.process_count(), jax.device_count(), jax.local_device_count()) == (2, 2, 1)
 mesh = parallel.data_mesh()
 local = jax.tree_util.tree_map(lambda x: x[2 * pid:2 * pid + 2], full)  # this process's half of the batch
-new, m = parallel.shard_train_step(bptt, mesh)(parallel.replicate(state, mesh), parallel.shard_batch(local, mesh),
-                                                None)
+new, m = jit_train_step(bptt, mesh)(parallel.replicate(state, mesh), parallel.shard_batch(local, mesh), None)
 # The whole batch on one device (no collectives) as the reference.
 ref = float(jax.jit(lambda p, b: bptt.loss(p, b, None)[0])(params, full))
 step_size = float(np.exp(parallel.unreplicate(new.params)["log_step_size"]))
@@ -388,10 +394,10 @@ def test_bf16_train_step_keeps_float32_parameters():
     batch = _batch(range(3))
     bptt = BPTT(build_model("adapt", "tiny", matmul_dtype="bfloat16"),
                 RelaxConfig(step_size=0.05, step_mode="learned", max_frames=3))
-    state = bptt.init_state(bptt.init_params(KEY, batch), KEY)
-    new, metrics = bptt.train_step(state, batch)
+    params = bptt.init_params(KEY, batch)
+    new, metrics = jit_train_step(bptt)(bptt.init_state(params, KEY), batch)
     assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(new.params))
     assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
     ref = BPTT(build_model("adapt", "tiny"), bptt.relax)
-    loss32 = float(jax.jit(lambda p: ref.loss(p, batch)[0])(state.params))
+    loss32 = float(jax.jit(lambda p: ref.loss(p, batch)[0])(params))
     assert float(metrics["loss"]) == pytest.approx(loss32, rel=5e-2)

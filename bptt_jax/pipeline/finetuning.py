@@ -18,7 +18,7 @@ import optax
 from tqdm.auto import tqdm
 
 from bptt_jax import parallel
-from bptt_jax.bptt import BPTT, OptimConfig
+from bptt_jax.bptt import BPTT, OptimConfig, jit_fit_step
 from bptt_jax.pipeline.checkpoints import bptt_dir, bptt_params, latest_step, resume_bptt, save_checkpoint
 from bptt_jax.pipeline.config import FinetuneConfig, RunConfig
 from bptt_jax.pipeline.data import Data, batch_plan, relax_batches
@@ -103,10 +103,10 @@ def fine_tune(cfg: RunConfig, model, ev: Evaluator, model_params, start_step: fl
     # The delivered model: the epoch with the best validation loss (epoch 0: the starting model).
     best_epoch, best_val = _best_epoch(metrics_rows, val0)
     best_params = jax.device_get(bptt_params(ft_dir, state, best_epoch) if best_epoch else params0)
-    train_step, mesh = bptt.fit_step, None
-    if jax.device_count() > 1:
-        mesh = parallel.data_mesh()
-        train_step = parallel.shard_fit_step(bptt, mesh)
+    mesh = parallel.data_mesh() if jax.device_count() > 1 else None
+    # The step donates the state; params0 (validation, ref_params, best_params) is not part of it: init_state copies.
+    train_step = jit_fit_step(bptt, mesh)
+    if mesh is not None:
         state, ref_params = parallel.replicate((state, ref_params), mesh)
         log.info("BPTT data parallel over %d devices (%d processes)", mesh.size, jax.process_count())
     data_rng = np.random.default_rng(cfg.seed + 1)

@@ -52,7 +52,7 @@ class RelaxConfig:
       adjoint_solver, adjoint_iters, adjoint_tol, adjoint_damping, adjoint_project_translations,
         adjoint_unconverged: ``"implicit"`` and ``"guided"``: the adjoint solve (see
         :class:`~bptt_jax.relax.methods.Implicit`).
-      length_quantum: with ``BPTT.fit_step`` in full/remat mode, differentiate a scan only as long as the batch
+      length_quantum: with ``bptt.jit_fit_step`` in full/remat mode, differentiate a scan only as long as the batch
         needs (found by an early-exit forward pass), rounded up to a multiple of this (0 = always max_frames).
       skip_converged: skip frames once every structure in the batch is done.
       dropout: keep model dropout on inside rollouts.
