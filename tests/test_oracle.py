@@ -132,12 +132,13 @@ def test_oracle_relaxes_a_generated_emt_slab(tiny_catalysts):
 def test_oracle_row_counts_basins_by_dq_under_the_mse_loss(tmp_path):
     # An MSE run's oracle row counts basins by Dq, as every other row does (it used to report None).
     from bptt_jax.pipeline import DataConfig, EvalConfig, RunConfig, generated_dir, run_oracle
+    from bptt_jax.relax import RelaxConfig
 
-    data = DataConfig(name="catalysts", preset="tiny", n=2, seed=3, cache_dir=str(tmp_path), loss="mse",
-                      max_frames=40, workers=1)
+    data = DataConfig(name="catalysts", preset="tiny", n=2, seed=3, cache_dir=str(tmp_path), loss="mse", workers=1)
     generate("catalysts", generated_dir(data), preset="tiny", n=2, seed=3, progress=False)
     structures, targets = load_test_pairs(generated_dir(data), n_test=2)
-    cfg = RunConfig(data=data, eval=EvalConfig(step_grid=[0.02], basin_dq=1e6), progress=False)
+    cfg = RunConfig(data=data, relax=RelaxConfig(max_frames=40), eval=EvalConfig(step_grid=[0.02], basin_dq=1e6),
+                    progress=False)
     out = run_oracle(cfg, list(zip(structures, targets)), ["a", "b"])
     assert out["basins"] == 2
     mse = structure_losses("mse", structures, targets, None)
