@@ -10,11 +10,13 @@ The public API, one concept per module:
 - :mod:`bptt_jax.bptt`: parameters, the rollout loss, the BPTT train step and the one place it is jitted
   (``jit_train_step``, ``jit_fit_step``; one device or a data mesh).
 - :mod:`bptt_jax.inference`: ``relax_many``, bucketed in-flight relaxation of many structures.
+- :mod:`bptt_jax.load`: ``load_run``, a finished run's model, parameters and learned relaxation.
 """
 
 from bptt_jax.bptt import (BPTT, FitStep, OptimConfig, TrainState, count_params, jit_fit_step, jit_train_step,
                            make_optimizer)
 from bptt_jax.inference import InferenceStats, RelaxOutcome, relax_many
+from bptt_jax.load import LoadedRun, load_run
 from bptt_jax.losses import dq, force_l2, force_mse, masked_mean, position_mse, structure_loss
 from bptt_jax.models import ADAPT, PRESETS, ResMLP, StepHead, build_model
 from bptt_jax.relax import (DescentState, FireState, RelaxConfig, RolloutResult, UpdateRule, descent, fire,
@@ -25,8 +27,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ADAPT", "BPTT", "Batch", "DEFAULT_BUCKETS", "DescentState", "FireState", "FitStep", "InferenceStats",
-    "OptimConfig", "PRESETS", "RelaxConfig", "RelaxOutcome", "ResMLP", "RolloutResult", "StepHead", "Structure",
+    "LoadedRun", "OptimConfig", "PRESETS", "RelaxConfig", "RelaxOutcome", "ResMLP", "RolloutResult", "StepHead", "Structure",
     "TrainState", "UpdateRule", "build_model", "bucket_size", "count_params", "descent", "displacement", "dq", "fire",
-    "force_l2", "force_mse", "jit_fit_step", "jit_train_step", "make_optimizer", "masked_mean", "minimum_image",
+    "force_l2", "force_mse", "jit_fit_step", "jit_train_step", "load_run", "make_optimizer", "masked_mean", "minimum_image",
     "position_mse", "relax_many", "rms_movement", "rollout", "structure_loss",
 ]

@@ -107,7 +107,8 @@ def _tiny_run(tmp_path, cache, relax=None, **finetune):
 @pytest.mark.slow
 def test_the_stages_in_order(tmp_path, cli_cache):
     """run_pipeline's stages called one by one on the tiny run, as run_pipeline calls them: what each hands on, the
-    run directory the report writes from them, and a resume that takes both stages that train from checkpoints."""
+    run directory the report writes from them, a resume that takes both stages that train from checkpoints, and
+    the run directory used on its own (``load_run``, the relax CLI)."""
     import jax
 
     from bptt_jax.pipeline import (Evaluator, baselines, bptt_dir, build_results, equal_compute_control,
@@ -170,6 +171,53 @@ def test_the_stages_in_order(tmp_path, cli_cache):
     tuned_again = fine_tune(resumed, model, ev, again.params, base.val_step, key, run_dir)
     assert tuned_again.metrics == tuned.metrics and tuned_again.kept_epoch == tuned.kept_epoch
     jax.tree_util.tree_map(np.testing.assert_array_equal, tuned_again.params, tuned.params)
+
+    # The run directory alone gives back the delivered model and its relaxation (bptt_jax.load_run).
+    from bptt_jax import load_run
+
+    loaded = load_run(run_dir)
+    assert loaded.epoch == tuned.kept_epoch and loaded.config == cfg
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded.params, tuned.params)
+    starts, targets = [s for s, _ in data.test_items], [t for _, t in data.test_items]
+    outcomes, _ = loaded.relax(starts, targets, batch_size=2)
+    np.testing.assert_allclose([o.loss for o in outcomes], final.tuned.per_structure, rtol=1e-4)
+    pretrained = load_run(run_dir, "pretrained")
+    assert pretrained.epoch == 0 and pretrained.step_size == pytest.approx(base.val_step)
+    outcomes, _ = pretrained.relax(starts, targets, batch_size=2)
+    np.testing.assert_allclose([o.loss for o in outcomes], base.grid[base.val_step].per_structure, rtol=1e-4)
+    for bad, kind, words in ((dict(checkpoint=7), ValueError, "no checkpoint of epoch 7"),
+                             (dict(run_dir=tmp_path / "none"), FileNotFoundError, "run_config.json")):
+        with pytest.raises(kind) as err:
+            load_run(**{"run_dir": run_dir, **bad})
+        assert words in str(err.value) and "\n" not in str(err.value)
+
+    # ... and the relax CLI on files: the relaxed structures with their flags; a structure too large for the
+    # model or of an element the run never saw, written unrelaxed and flagged; an unreadable file, reported.
+    from ase.build import bulk
+    from ase.io import read
+
+    from bptt_jax.relax.__main__ import main as relax_main
+
+    too_large, copper = bulk("Si", cubic=True).repeat((5, 5, 3)), starts[1].to_atoms()
+    copper.numbers[0] = 29
+    write(tmp_path / "in.extxyz", [starts[0].to_atoms(), too_large, copper, starts[1].to_atoms()])
+    (tmp_path / "broken.extxyz").write_text("3\nnot a header\nSi 0 0\n")
+    assert relax_main([str(run_dir), str(tmp_path / "in.extxyz"), str(tmp_path / "broken.extxyz"),
+                       "-o", str(tmp_path / "out.extxyz"), "--batch-size", "2", "--no-progress"]) == 1
+    out = read(tmp_path / "out.extxyz", index=":")
+    assert [a.info["bptt_status"] for a in out] == ["relaxed", "too_large", "unseen_element", "relaxed"]
+    assert [a.info["source"] for a in out] == [f"{tmp_path / 'in.extxyz'}@{i}" for i in range(4)]
+    outcomes, _ = loaded.relax(starts[:2], batch_size=2)
+    for a, o in zip((out[0], out[3]), outcomes):
+        assert a.info["bptt_frames"] == o.frames and a.info["bptt_converged"] == o.converged
+        np.testing.assert_allclose(a.positions, o.positions, atol=1e-5)
+    np.testing.assert_allclose(out[1].positions, too_large.positions, atol=1e-8)  # as written (extxyz text)
+    assert relax_main([str(run_dir), str(tmp_path / "in.extxyz"), "-o", str(tmp_path / "traj.extxyz"),
+                       "--trajectory", "--batch-size", "2", "--no-progress"]) == 0
+    traj = [a for a in read(tmp_path / "traj.extxyz", index=":") if a.info["source"].endswith("@0")]
+    assert len(traj) == outcomes[0].frames + 1
+    np.testing.assert_allclose(traj[0].positions, starts[0].positions, atol=1e-6)
+    np.testing.assert_allclose(traj[-1].positions, outcomes[0].positions, atol=1e-4)
 
 
 @pytest.mark.slow

@@ -58,6 +58,8 @@ def build_results(cfg: RunConfig, data: Data, pre: Pretrained, base: Baselines, 
         "model": cfg.model.name,
         "loss": cfg.data.loss,
         "seed": cfg.seed,
+        "elements": sorted({int(z) for s in data.frames for z in s.numbers}
+                           | {int(z) for s, _ in data.fit_items + data.val_items for z in s.numbers}),
         "n_train": len(data.fit_items),
         "n_val": len(data.val_items),
         "n_test": len(data.test_items),
