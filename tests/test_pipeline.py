@@ -279,8 +279,8 @@ def test_ablation_options_run_through_the_pipeline(tmp_path, cli_cache):
     noise anneals per epoch, and the evaluation relaxations are the noise-free ones."""
     head = {"output_init": "random", "d_model": 8, "n_heads": 2, "ffn_dim": 8}
     cfg = _tiny_run(tmp_path, cli_cache, dict(step_mode="network", step_head=head), learning_rate=1e-3,
-                    freeze_model=True, noise=0.02, noise_anneal=0.5, variable_stop=True, stop_frames_range=(4, 8), clip_norm=None,
-                    prox_weight=0.1)
+                    freeze_model=True, noise=0.02, noise_anneal=0.5, variable_stop=True, stop_frames_range=(4, 8),
+                    clip_norm=None, prox_weight=0.1)
     res = run_pipeline(cfg)
     assert res["force_l2"]["bptt"] == res["force_l2"]["pretrained"]  # frozen: the same forces exactly
     assert res["finetune"]["freeze_model"] and res["finetune"]["clip_norm"] is None
