@@ -218,6 +218,21 @@ def test_the_stages_in_order(tmp_path, cli_cache):
     assert len(traj) == outcomes[0].frames + 1
     np.testing.assert_allclose(traj[0].positions, starts[0].positions, atol=1e-6)
     np.testing.assert_allclose(traj[-1].positions, outcomes[0].positions, atol=1e-4)
+    # ... and as an ASE calculator: the run's model, forces as load_run's.
+    from bptt_jax.ase import Calculator
+    from bptt_jax.structures import Batch
+
+    atoms = starts[0].to_atoms()
+    atoms.calc = Calculator.from_run(run_dir)
+    expected = np.asarray(loaded.forces(Batch.from_structures([starts[0]])))[0, :len(starts[0])]
+    np.testing.assert_allclose(atoms.get_forces(), expected, rtol=1e-5, atol=1e-6)
+    # ... and the tuned relaxation as an ASE optimizer: the same frames and final positions as load_run's.
+    from bptt_jax.ase import LearnedRelaxation
+
+    opt = LearnedRelaxation(atoms, run=loaded)
+    opt.run()
+    assert opt.status["frames"] == outcomes[0].frames and opt.status["converged"] == outcomes[0].converged
+    np.testing.assert_allclose(atoms.positions, outcomes[0].positions, atol=1e-4)
 
 
 @pytest.mark.slow
