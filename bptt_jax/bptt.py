@@ -256,7 +256,7 @@ class BPTT:
     def __post_init__(self):
         if self.step_head is not None and self.relax.step_head:
             raise ValueError("give the step head as a module (step_head) or as options (relax.step_head), not both")
-        step = make_step(self.relax, self.step_head)
+        step = self.step  # cached: made once, from step_head (or relax.step_head's options)
         if self.optim.freeze_model and not step.trainable:
             raise ValueError("freeze_model with a fixed step size leaves nothing to train; use a learned step "
                              "size (step_mode learned or network)")
