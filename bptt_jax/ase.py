@@ -6,10 +6,10 @@
     LearnedRelaxation(atoms, run="runs/X").run()    # the tuned relaxation itself, as an ASE optimizer
 
 Forces come from the model. A model with an energy head (preset ``small_energy``: forces = -dE/dR) also gives
-the energy. No stress yet: the models' minimum-image displacements treat the lattice translation of each pair
-as a constant (``models.geometry.pair_displacements``), so their derivative by the cell, which a stress needs,
-is not the strain derivative. Each structure is padded to its size bucket (:func:`~bptt_jax.structures.bucket_size`)
-and the jitted function compiles once per bucket, not once per call.
+the energy and, for a cell periodic along all three axes, the stress ``(1/V) ∂E/∂ε`` (the derivative by a
+homogeneous strain of positions and cell together; ASE's sign and Voigt order), so ASE's cell filters
+(``FrechetCellFilter``) and NPT dynamics work with it. Each structure is padded to its size bucket
+(:func:`~bptt_jax.structures.bucket_size`) and each jitted function compiles once per bucket, not once per call.
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from ase.calculators.calculator import Calculator as _AseCalculator
-from ase.calculators.calculator import all_changes
+from ase.calculators.calculator import PropertyNotImplementedError, all_changes
 from ase.optimize.optimize import Optimizer
 
 from bptt_jax.structures import DEFAULT_BUCKETS, Batch, Structure, bucket_size
@@ -35,7 +36,8 @@ class Calculator(_AseCalculator):
       buckets: padding sizes; a structure larger than the largest is an error.
       **kwargs: passed to :class:`ase.calculators.calculator.Calculator`.
 
-    Properties: ``forces`` (eV/Å); with an energy-head model also ``energy`` and ``free_energy`` (eV).
+    Properties: ``forces`` (eV/Å); with an energy-head model also ``energy`` and ``free_energy`` (eV) and, for a
+    fully periodic cell, ``stress`` (eV/Å³, Voigt order xx, yy, zz, yz, xz, xy; computed when asked for).
     """
 
     def __init__(self, model, variables: Any, buckets: Optional[Sequence[int]] = DEFAULT_BUCKETS, **kwargs):
@@ -43,9 +45,17 @@ class Calculator(_AseCalculator):
         self.model, self.variables = model, variables
         self.buckets = tuple(buckets) if buckets is not None else None
         self.has_energy = bool(getattr(model, "energy_head", False))
-        self.implemented_properties = ["forces", "energy", "free_energy"] if self.has_energy else ["forces"]
+        self.implemented_properties = (["forces", "energy", "free_energy", "stress"] if self.has_energy
+                                       else ["forces"])
         self._forces = jax.jit(lambda v, b: model.apply(v, b))
         self._energy = jax.jit(lambda v, b: model.apply(v, b, method="energy")) if self.has_energy else None
+        self._virial = jax.jit(jax.grad(self._strained_energy, argnums=2)) if self.has_energy else None
+
+    def _strained_energy(self, variables: Any, batch: Batch, strain: jax.Array) -> jax.Array:
+        """The energy (eV) of the first structure with positions and cell strained by ``I + strain`` (3, 3)."""
+        deform = jnp.eye(3, dtype=batch.cell.dtype) + strain
+        strained = batch.replace(positions=batch.positions @ deform, cell=batch.cell @ deform)
+        return self.model.apply(variables, strained, method="energy")[0]
 
     @classmethod
     def from_run(cls, run_dir: Union[str, Path], checkpoint: Union[str, int] = "final", **kwargs) -> "Calculator":
@@ -71,6 +81,14 @@ class Calculator(_AseCalculator):
         if self.has_energy:
             energy = float(self._energy(self.variables, batch)[0])
             self.results.update(energy=energy, free_energy=energy)
+        if "stress" in properties:
+            if not self.has_energy:
+                raise PropertyNotImplementedError("stress needs a model with an energy head (e.g. small_energy)")
+            if not self.atoms.pbc.all():
+                raise PropertyNotImplementedError("stress needs a cell periodic along all three axes")
+            dE = np.asarray(self._virial(self.variables, batch, jnp.zeros((3, 3), batch.cell.dtype)), np.float64)
+            sigma = 0.5 * (dE + dE.T) / self.atoms.get_volume()
+            self.results["stress"] = sigma.flat[[0, 4, 8, 5, 2, 1]]
 
 
 class LearnedRelaxation(Optimizer):

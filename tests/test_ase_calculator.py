@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 from ase.build import bulk
 from ase.calculators.calculator import PropertyNotImplementedError
+from ase.calculators.fd import calculate_numerical_stress
+from ase.filters import FrechetCellFilter
 from ase.md.verlet import VelocityVerlet
 from ase.optimize import FIRE
 from ase import units
@@ -58,7 +60,34 @@ def test_energy_model_gives_consistent_energy_and_forces():
     numerical = np.array([[(_energy_at(atoms, i, k, 1e-3) - _energy_at(atoms, i, k, -1e-3)) / -2e-3 for k in range(3)]
                           for i in range(len(atoms))])
     np.testing.assert_allclose(f, numerical, atol=2e-3 * max(1, np.abs(f).max()))
-    assert "stress" not in calc.implemented_properties  # see the module docstring
+
+
+@pytest.mark.filterwarnings("ignore:logm result may be inaccurate")  # scipy, inside FrechetCellFilter
+def test_energy_model_stress_matches_finite_strains_and_relaxes_the_cell():
+    """The stress is (1/V) dE/dε: ASE's finite-strain stress agrees (a sheared, rattled cell: every pair's lattice
+    translation matters), and ASE's cell filter lowers the energy with it. A force model has none. The cell is
+    wider than twice the model's cutoff, so that only the minimum image of a pair is inside it (otherwise a pair
+    changing images makes the energy jump)."""
+    calc, _, _ = _calc(energy=True)
+    atoms = _si().repeat(2)
+    atoms.set_cell(atoms.cell @ (np.eye(3) + 0.03 * np.random.default_rng(1).normal(size=(3, 3))), scale_atoms=True)
+    atoms.calc = calc
+    stress = atoms.get_stress()
+    numerical = calculate_numerical_stress(atoms, eps=1e-3)
+    assert np.abs(stress).max() > 1e-3  # a random model: not at its equilibrium cell
+    np.testing.assert_allclose(stress, numerical, atol=2e-3 * np.abs(stress).max())
+    e0 = atoms.get_potential_energy()
+    FIRE(FrechetCellFilter(atoms), logfile=None).run(fmax=1e-4, steps=8)
+    assert atoms.get_potential_energy() < e0
+    slab = _si()
+    slab.pbc = [True, True, False]
+    slab.calc = calc
+    with pytest.raises(PropertyNotImplementedError):
+        slab.get_stress()
+    force_only = _si()
+    force_only.calc = _calc(energy=False)[0]
+    with pytest.raises(PropertyNotImplementedError):
+        force_only.get_stress()
 
 
 def _energy_at(atoms, i, k, d):

@@ -151,3 +151,28 @@ def test_pair_displacements_cutoff_shortcut_is_exact_inside_cutoff():
         inside = np.linalg.norm(full, axis=-1) < 3.0
         np.testing.assert_allclose(fast[inside], full[inside], atol=1e-4)
         assert np.all(np.linalg.norm(fast[~inside], axis=-1) >= 3.0 - 1e-4)
+
+
+@pytest.mark.parametrize("cutoff", [None, 3.0, 1.0])  # the image search, and the shortcut (wide cells)
+def test_pair_displacements_strain_with_the_cell(cutoff):
+    """Straining positions and cell together by ``I + ε`` strains every minimum-image displacement: its
+    derivative by ε is ``vec ⊗ δ`` (``d vec_k / d ε_ij = vec_i δ_jk``), including the pairs' lattice translations.
+    The derivative by positions alone stays that of ``r_j − r_i``."""
+    rng = np.random.default_rng(4)
+    cell = np.array([[5.0, 0.0, 0.0], [2.4, 4.6, 0.0], [1.1, 0.9, 5.5]])
+    for pbc in ([True] * 3, [True, True, False]):
+        R = jnp.asarray(rng.uniform(-3, 9, (1, 6, 3)), jnp.float32)
+        c, p = jnp.asarray(cell[None], jnp.float32), jnp.asarray([pbc])
+
+        def strained(eps):
+            deform = jnp.eye(3) + eps
+            return pair_displacements(R @ deform, c @ deform, p, cutoff)
+
+        vec = np.asarray(strained(jnp.zeros((3, 3))))
+        jac = np.asarray(jax.jacfwd(strained)(jnp.zeros((3, 3))))  # (1, N, N, 3, 3, 3): d vec_k / d eps_ij
+        expected = np.einsum("bnmi,jk->bnmkij", vec, np.eye(3))
+        np.testing.assert_allclose(jac, expected, atol=1e-4)
+        d_pos = np.asarray(jax.jacfwd(lambda r: pair_displacements(r, c, p, cutoff))(R))  # (1,N,N,3, 1,N,3)
+        eye = np.eye(R.shape[1])
+        want = np.einsum("nmq,kl->nmkql", eye[None, :, :] - eye[:, None, :], np.eye(3))  # (δ_mq − δ_nq) δ_kl
+        np.testing.assert_allclose(d_pos[0, :, :, :, 0], want, atol=1e-6)

@@ -66,15 +66,18 @@ def pair_displacements(positions: Array, cell: Array, pbc: Array, cutoff: float 
     With ``cutoff`` (Å) given, the 27-image search is skipped (``lax.cond``) when every periodic cell of the
     batch has all perpendicular widths ≥ 2·cutoff: the wrapped vector is then the minimum image for every
     pair closer than the cutoff, and pairs farther away stay at least ``cutoff`` apart (only pairs inside the
-    cutoff matter to a cut-off model). The lattice translation is a ``stop_gradient`` constant, so the
-    derivative with respect to positions is exactly that of ``r_j − r_i``.
+    cutoff matter to a cut-off model). The derivative with respect to positions is exactly that of ``r_j − r_i``
+    (the chosen image is a constant); with respect to the cell it is that of ``r_j − r_i + n·cell``, the pair's
+    integer lattice translation ``n`` held fixed (:func:`lattice_offset`), so that straining positions and cell
+    together strains every displacement: the derivative a stress needs.
     """
     dR = positions[..., None, :, :] - positions[..., :, None, :]
     frame = jax.lax.stop_gradient(periodic_frame(cell, pbc))  # (B, 3, 3)
     inv = jnp.linalg.inv(frame)
     frac = jnp.einsum("bni,bij->bnj", jax.lax.stop_gradient(positions), inv)
     df = frac[:, None, :, :] - frac[:, :, None, :]  # (B, N, N, 3)
-    df = df - jnp.where(pbc[:, None, None, :], jnp.round(df), 0.0)
+    wrap = jnp.where(pbc[:, None, None, :], jnp.round(df), 0.0)
+    df = df - wrap
     wrapped = jnp.einsum("bnmi,bij->bnmj", df, frame)
 
     def search(wrapped):
@@ -82,15 +85,36 @@ def pair_displacements(positions: Array, cell: Array, pbc: Array, cutoff: float 
         shift_cart = jnp.einsum("bsi,bij->bsj", shifts, frame)
         score = 2 * jnp.einsum("bnmj,bsj->bnms", wrapped, shift_cart) + jnp.sum(shift_cart ** 2, -1)[:, None, None]
         best = jax.nn.one_hot(jnp.argmin(score, axis=-1), shifts.shape[-2], dtype=positions.dtype)
-        return wrapped + jnp.einsum("bnms,bsj->bnmj", best, shift_cart)
+        return (wrapped + jnp.einsum("bnms,bsj->bnmj", best, shift_cart),
+                jnp.einsum("bnms,bsi->bnmi", best, shifts) - wrap)
 
     if cutoff is None:
-        image = search(wrapped)
+        image, n = search(wrapped)
     else:
         width = 1.0 / jnp.linalg.norm(inv, axis=-2)  # (B, 3) perpendicular widths of the cell, Å
         wide = jnp.all(jnp.where(pbc, width >= 2 * cutoff, True))
-        image = jax.lax.cond(wide, lambda w: w, search, wrapped)
-    return dR + jax.lax.stop_gradient(image - dR)
+        image, n = jax.lax.cond(wide, lambda w: (w, -wrap), search, wrapped)
+    return dR + jax.lax.stop_gradient(image - dR) + lattice_offset(cell, jax.lax.stop_gradient(n))
+
+
+@jax.custom_jvp
+def lattice_offset(cell: Array, n: Array) -> Array:
+    """Zero, with the derivative of the lattice translation ``n·cell`` by the cell.
+
+    :func:`pair_displacements` computes each pair's minimum image as a constant offset from ``r_j − r_i``; this
+    adds its dependence on the cell without changing a single value: (B, N, N, 3) zeros whose tangent is
+    ``n·dcell`` for (B, N, N, 3) integer translations ``n`` (fractional units, 0 along non-periodic axes, where
+    the periodic frame and the cell differ). The tangent is only formed when the cell is differentiated, so
+    forces and the BPTT step are computed as before.
+    """
+    return jnp.zeros(n.shape, cell.dtype)
+
+
+@lattice_offset.defjvp
+def _lattice_offset_jvp(primals, tangents):
+    cell, n = primals
+    dcell, _ = tangents
+    return lattice_offset(cell, n), jnp.einsum("bnmi,bij->bnmj", n, dcell)
 
 
 def pair_geometry(positions: Array, cell: Array, pbc: Array, atom_mask: Array, cutoff: float,
