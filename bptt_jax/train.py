@@ -38,7 +38,8 @@ def config_from_hydra(cfg: DictConfig, run_dir: str) -> RunConfig:
     return RunConfig.from_dict({
         "data": data, "model": c["model"], "relax": c["relax"], "pretrain": c["pretrain"], "finetune": c["finetune"],
         "eval": c["eval"], "seed": int(c["seed"]), "run_dir": run_dir, "resume": bool(c["train"]["resume"]),
-        "progress": bool(c["progress"]), "plots": bool(c["plots"]), "distributed": c.get("distributed") or {}})
+        "progress": bool(c["progress"]), "plots": bool(c["plots"]), "distributed": c.get("distributed") or {},
+        "logging": c["logging"]})
 
 
 def runtime_settings(cfg: DictConfig) -> tuple[list[str], Optional[str]]:

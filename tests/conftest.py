@@ -72,3 +72,51 @@ def pytest_collection_modifyitems(config, items):
     under ``make test``'s two xdist workers the short tests fill in around them instead of one long test
     running alone at the end."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def _crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), bit by bit: the TFRecord checksum."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> int:
+    crc = _crc32c(data)
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def tensorboard_events(log_dir):
+    """Every event of the TensorBoard event files in ``log_dir`` (file by file, in name order), read from the
+    TFRecord framing (uint64 length, its masked CRC-32C, the record, the record's masked CRC-32C; little endian)
+    with both checksums verified, and decoded with tensorboardX's ``Event`` message."""
+    import struct
+    from pathlib import Path
+
+    from tensorboardX.proto.event_pb2 import Event
+
+    events = []
+    for path in sorted(Path(log_dir).glob("events.out.tfevents.*")):
+        raw, pos = path.read_bytes(), 0
+        while pos < len(raw):
+            header = raw[pos:pos + 8]
+            (length,), (header_crc,) = struct.unpack("<Q", header), struct.unpack("<I", raw[pos + 8:pos + 12])
+            data = raw[pos + 12:pos + 12 + length]
+            (data_crc,) = struct.unpack("<I", raw[pos + 12 + length:pos + 16 + length])
+            assert header_crc == _masked_crc(header) and data_crc == _masked_crc(data), f"{path}: bad record at {pos}"
+            events.append(Event.FromString(data))
+            pos += 16 + length
+    return events
+
+
+def tensorboard_scalars(log_dir) -> dict:
+    """{tag: [(step, value), ...]} of the scalars in ``log_dir``'s event files, in the order written."""
+    scalars: dict = {}
+    for event in tensorboard_events(log_dir):
+        for value in event.summary.value:
+            if value.HasField("simple_value"):
+                scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars

@@ -12,7 +12,8 @@ from omegaconf import OmegaConf, open_dict
 
 from bptt_jax.bptt import make_step
 from bptt_jax.parallel import DistributedConfig
-from bptt_jax.pipeline import (DataConfig, EvalConfig, FinetuneConfig, ModelConfig, PretrainConfig, RunConfig)
+from bptt_jax.pipeline import (DataConfig, EvalConfig, FinetuneConfig, LoggingConfig, ModelConfig, PretrainConfig,
+                               RunConfig)
 from bptt_jax.pipeline.finetuning import make_bptt
 from bptt_jax.relax import RelaxConfig
 from bptt_jax.train import config_from_hydra, runtime_settings
@@ -36,7 +37,7 @@ OTHER = {
     "eval.step_grid": [0.01, 0.02],
     "distributed.coordinator_address": "host:1234", "distributed.num_processes": 2, "distributed.process_id": 1,
     "distributed.local_device_ids": [0], "distributed.cpu_collectives": "mpi",
-    "xla_flags": [], "compile_cache_dir": "/tmp/xla_cache",
+    "xla_flags": [], "compile_cache_dir": "/tmp/xla_cache", "logging.dir": "tb",
 }
 CONTEXT = {
     "model.name": {"model.preset": "tiny"},
@@ -117,7 +118,7 @@ def _views(cfg) -> dict:
             "dataset": run.data, "model": (run.model, run.model.build()), "pretrain": run.pretrain,
             "finetune": run.finetune, "eval": run.eval, "distributed": run.distributed,
             "train": run.resume, "seed": run.seed, "progress": run.progress, "plots": run.plots,
-            "runtime": runtime_settings(cfg)}
+            "logging": run.logging, "runtime": runtime_settings(cfg)}
 
 
 def _target(key: str) -> str:
@@ -171,10 +172,11 @@ def test_removed_aliases_are_refused(key):
 def test_every_setting_of_the_typed_tree_has_a_key():
     keys = set(DEFAULT_KEYS)
     node = {"DataConfig": "dataset", "ModelConfig": "model", "RelaxConfig": "relax", "PretrainConfig": "pretrain",
-            "FinetuneConfig": "finetune", "EvalConfig": "eval", "DistributedConfig": "distributed", "RunConfig": ""}
+            "FinetuneConfig": "finetune", "EvalConfig": "eval", "DistributedConfig": "distributed",
+            "LoggingConfig": "logging", "RunConfig": ""}
     missing = []
     for cls in (DataConfig, ModelConfig, RelaxConfig, PretrainConfig, FinetuneConfig, EvalConfig, DistributedConfig,
-                RunConfig):
+                LoggingConfig, RunConfig):
         for f in dataclasses.fields(cls):
             key = f"{node[cls.__name__]}.{f.name}".lstrip(".")
             if key not in keys and not any(k.startswith(key + ".") for k in keys) \
@@ -194,4 +196,4 @@ def test_old_run_configs_load():
     assert run.relax == RelaxConfig(rule="fire", step_size=0.05, step_mode="network", step_head=(("d_model", 8),),
                                     max_frames=200, grad_mode="remat", remat_segment=1)
     assert run.data.buckets == (16, 32) and run.finetune.epochs == 3 and run.eval.step_grid == (0.01, 0.1)
-    assert run.seed == 2
+    assert run.seed == 2 and run.logging == LoggingConfig()  # written before the logging node: off

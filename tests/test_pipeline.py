@@ -14,11 +14,11 @@ from hydra import compose, initialize_config_dir
 from bptt_jax.data.generate import make_params
 from bptt_jax.data.trajectory import SkipLog
 from bptt_jax.models import build_model
-from bptt_jax.pipeline import (DataConfig, EvalConfig, FinetuneConfig, ModelConfig, PretrainConfig, RunConfig,
-                               load_split, model_buckets, run_pipeline)
+from bptt_jax.pipeline import (DataConfig, EvalConfig, FinetuneConfig, LoggingConfig, ModelConfig, PretrainConfig,
+                               RunConfig, TrainingCurves, load_split, model_buckets, run_pipeline)
 from bptt_jax.relax import RelaxConfig
 from bptt_jax.train import config_from_hydra
-from conftest import rattled_si
+from conftest import rattled_si, tensorboard_scalars
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -126,8 +126,9 @@ def test_the_stages_in_order(tmp_path, cli_cache):
     assert (len(data.test_items), len(data.fit_items), len(data.val_items)) == (4, 5, 1)
     assert data.val == data.train[-1:] and data.frames and data.sample is data.test_batches[0][1]
     key = jax.random.PRNGKey(cfg.seed)
+    curves = TrainingCurves(run_dir / "tensorboard")  # what run_pipeline opens under logging.tensorboard=true
 
-    pre = pretrained_model(cfg, model, data, key, run_dir)
+    pre = pretrained_model(cfg, model, data, key, run_dir, curves)
     assert len(pre.history) == 2 and pre.history[-1]["stop"] == "max_epochs"
     assert latest_step(pretrained_dir(run_dir)) == 0
 
@@ -139,7 +140,8 @@ def test_the_stages_in_order(tmp_path, cli_cache):
     assert base.constant_step.per_structure.shape == base.initial.shape == (4,)
     assert base.fire is None and base.oracle is None  # off in the tiny run
 
-    tuned = fine_tune(cfg, model, ev, pre.params, base.val_step, key, run_dir)
+    tuned = fine_tune(cfg, model, ev, pre.params, base.val_step, key, run_dir, curves)
+    curves.close()
     (row,) = tuned.metrics
     assert row["epoch"] == 1 and row["structure_frames"] > 0 and tuned.step_size_initial == base.val_step
     assert tuned.kept_epoch == (1 if row["val_loss"] < tuned.val_start else 0)
@@ -163,12 +165,16 @@ def test_the_stages_in_order(tmp_path, cli_cache):
     assert list(written["wall_s"]) == ["data", "pretrain", "baselines", "bptt", "evaluate", "force_control"]
     assert [r["stage"] for r in csv.DictReader(open(run_dir / "metrics.csv"))] == ["pretrain"] * 2 + ["bptt"]
 
-    # Resumed, both stages that train restore what they saved instead of training again.
+    # Resumed, both stages that train restore what they saved instead of training again, and write no curve twice.
     resumed = dataclasses.replace(cfg, resume=True)
-    again = pretrained_model(resumed, model, data, key, run_dir)
-    assert again.history == pre.history
-    jax.tree_util.tree_map(np.testing.assert_array_equal, again.params, pre.params)
-    tuned_again = fine_tune(resumed, model, ev, again.params, base.val_step, key, run_dir)
+    with TrainingCurves(run_dir / "tensorboard") as curves:
+        again = pretrained_model(resumed, model, data, key, run_dir, curves)
+        assert again.history == pre.history
+        jax.tree_util.tree_map(np.testing.assert_array_equal, again.params, pre.params)
+        tuned_again = fine_tune(resumed, model, ev, again.params, base.val_step, key, run_dir, curves)
+    steps = {tag: [step for step, _ in points] for tag, points in tensorboard_scalars(run_dir / "tensorboard").items()}
+    assert steps["pretrain/val_force_mse"] == [1, 2] and steps["bptt/train_loss"] == [1]
+    assert steps["bptt/val_loss"] == [0, 1] and steps["bptt_step/loss"] == list(range(1, tuned.steps_per_epoch + 1))
     assert tuned_again.metrics == tuned.metrics and tuned_again.kept_epoch == tuned.kept_epoch
     jax.tree_util.tree_map(np.testing.assert_array_equal, tuned_again.params, tuned.params)
 
@@ -239,6 +245,7 @@ def test_the_stages_in_order(tmp_path, cli_cache):
 def test_fine_tuning_that_gets_worse_keeps_the_starting_model(tmp_path, cli_cache):
     # Gradient *ascent* (a negative rate) makes every epoch worse, on validation too: epoch 0 is delivered.
     res = run_pipeline(_tiny_run(tmp_path, cli_cache, learning_rate=-0.01, step_learning_rate=-0.1))
+    assert not list((tmp_path / "run").rglob("events.out.tfevents.*"))  # logging.tensorboard is off by default
     sel = res["bptt_selection"]
     assert len(sel["val_loss"]) == 3 and all(v > sel["val_loss"][0] for v in sel["val_loss"][1:]), sel
     assert sel["kept_epoch"] == 0
@@ -254,10 +261,13 @@ def test_fine_tuning_that_gets_worse_keeps_the_starting_model(tmp_path, cli_cach
 
 @pytest.mark.slow
 def test_fine_tuning_keeps_the_best_validation_epoch(tmp_path, cli_cache):
+    """... and, with logging.tensorboard=true, writes its curves: metrics.csv's rows and results.json's figures."""
     cfg = _tiny_run(tmp_path, cli_cache, learning_rate=1e-3)
-    res = run_pipeline(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, fire=True)))
+    res = run_pipeline(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, fire=True),
+                                           logging=LoggingConfig(tensorboard=True)))
     sel = res["bptt_selection"]
     assert sel["kept_epoch"] == int(np.argmin(sel["val_loss"]))
+    _curves_are_the_run(Path(cfg.run_dir), res)
     assert res["pretrain_stop"] == "max_epochs" and res["pretrain_epochs"] == 2
     # experiments.fire_divergence on this run: its FIRE with the pretrained model is the pipeline's FIRE
     # baseline, and it relaxes the same structures with the generating potential (Tersoff) too.
@@ -268,6 +278,33 @@ def test_fine_tuning_keeps_the_best_validation_epoch(tmp_path, cli_cache):
     assert all(0 < r["frames"] <= 8 for r in diag["exact"])
     text = report(diag, "cmd", 1.0)
     assert "| exact (generating potential) |" in text and f"({res['n_test']} test structures)" in text
+
+
+def _curves_are_the_run(run_dir: Path, res: dict) -> None:
+    """The run's TensorBoard scalars, each (tag, step) written once, are its metrics.csv rows at their epochs (BPTT's
+    epoch 0: the starting model), its training steps (their mean: the epoch's train_loss) and results.json's
+    headline figures at the last epoch."""
+    scalars = tensorboard_scalars(run_dir / "tensorboard")
+    value = {(tag, step): v for tag, points in scalars.items() for step, v in points}
+    assert len(value) == sum(len(points) for points in scalars.values())
+    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
+    expected = {(f"{r['stage']}/{col}", int(r["epoch"])): float(text) for r in rows for col, text in r.items()
+                if col not in ("stage", "epoch", "stop") and text != ""}
+    sel, epochs = res["bptt_selection"], len(res["bptt_selection"]["train_loss"])
+    expected.update({("bptt/val_loss", 0): sel["val_loss"][0], ("bptt/test_loss", 0): sel["test_loss_start"],
+                     ("bptt/step_size", 0): res["step_size_initial"]})
+    expected.update({(f"results/avg_dq/{k}", epochs): v for k, v in res["avg_dq"].items() if v is not None})
+    expected.update({(f"results/{k}", epochs): res[k] for k in ("reduction_pct", "reduction_vs_fire_pct",
+                                                               "step_size_final")})
+    assert {k: v for k, v in value.items() if not k[0].startswith("bptt_step/")} == pytest.approx(expected, rel=1e-6)
+    assert {"train_loss", "test_loss", "val_loss", "step_size", "seconds"} <= {
+        tag.split("/")[1] for tag, step in expected if tag.startswith("bptt/") and step == epochs}
+    assert {tag for tag, _ in expected if tag.startswith("pretrain/")} >= {"pretrain/train_force_mse",
+                                                                          "pretrain/val_force_mse", "pretrain/lr"}
+    losses = [v for _, v in scalars["bptt_step/loss"]]
+    assert [s for s, _ in scalars["bptt_step/loss"]] == list(range(1, len(losses) + 1)) and len(losses) % epochs == 0
+    assert set(scalars) - {tag for tag, _ in expected} == {"bptt_step/loss", "bptt_step/frames", "bptt_step/diverged"}
+    np.testing.assert_allclose(np.mean(np.reshape(losses, (epochs, -1)), axis=1), sel["train_loss"], rtol=1e-5)
 
 
 def test_pretraining_stops_on_a_plateau_not_the_clock(tmp_path, cli_cache):

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from typing import Any, Optional
 
 from bptt_jax import parallel
@@ -143,6 +144,20 @@ class EvalConfig:
 
 
 @dataclasses.dataclass
+class LoggingConfig:
+    """Training curves for TensorBoard (:class:`~bptt_jax.pipeline.curves.TrainingCurves`).
+
+    Attributes:
+      tensorboard: write event files (tensorboardX, the extra ``tensorboard``): pretraining and BPTT per epoch,
+        BPTT per training step, the headline results at the end.
+      dir: where (relative paths: to the working directory); None: ``<run_dir>/tensorboard``.
+    """
+
+    tensorboard: bool = False
+    dir: Optional[str] = None
+
+
+@dataclasses.dataclass
 class RunConfig:
     """One run of the pipeline: every stage's settings, the seed and the run directory.
 
@@ -163,9 +178,13 @@ class RunConfig:
     progress: bool = True
     plots: bool = True
     distributed: parallel.DistributedConfig = dataclasses.field(default_factory=parallel.DistributedConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
     def validate(self) -> None:
-        """Refuse settings that contradict each other (one-line ``ValueError``)."""
+        """Refuse settings that contradict each other, or that this installation cannot honour (one-line
+        ``ValueError``, before any computation)."""
+        if self.logging.tensorboard and importlib.util.find_spec("tensorboardX") is None:
+            raise ValueError("logging.tensorboard=true needs tensorboardX: pip install 'bptt-jax[tensorboard]'")
         ft = self.finetune
         if ft.variable_stop and ft.stop_frames_range[1] > self.relax.max_frames:
             raise ValueError(f"finetune.stop_frames_range {list(ft.stop_frames_range)} exceeds "
@@ -202,7 +221,7 @@ class RunConfig:
         if "step_grid" in ev:
             ev["step_grid"] = tuple(float(x) for x in ev["step_grid"])
         parts = {"data": DataConfig, "model": ModelConfig, "pretrain": PretrainConfig, "finetune": FinetuneConfig,
-                 "eval": EvalConfig, "distributed": parallel.DistributedConfig}
+                 "eval": EvalConfig, "distributed": parallel.DistributedConfig, "logging": LoggingConfig}
         kw = {k: parts[k](**d[k]) for k in parts if k in d}
         if "relax" in d:
             kw["relax"] = RelaxConfig(**relax)

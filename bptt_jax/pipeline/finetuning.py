@@ -21,6 +21,7 @@ from bptt_jax import parallel
 from bptt_jax.bptt import BPTT, OptimConfig, jit_fit_step
 from bptt_jax.pipeline.checkpoints import bptt_dir, bptt_params, latest_step, resume_bptt, save_checkpoint
 from bptt_jax.pipeline.config import FinetuneConfig, RunConfig
+from bptt_jax.pipeline.curves import TrainingCurves
 from bptt_jax.pipeline.data import Data, batch_plan, relax_batches
 from bptt_jax.pipeline.evaluate import Evaluator
 
@@ -76,11 +77,13 @@ class Tuned:
 
 
 def fine_tune(cfg: RunConfig, model, ev: Evaluator, model_params, start_step: float, key: jax.Array,
-              run_dir: Path) -> Tuned:
+              run_dir: Path, curves: Optional[TrainingCurves] = None) -> Tuned:
     """BPTT from the pretrained ``model_params`` at step size ``relax.step_size`` (None: ``start_step``),
     resuming from ``checkpoints/bptt`` when ``cfg.resume``. Data parallel over all devices when there are
-    several: state replicated, batches split (the one-device path is unchanged)."""
+    several: state replicated, batches split (the one-device path is unchanged). ``curves`` gets the starting
+    model as epoch 0, each epoch's row and each training step's loss (:mod:`~bptt_jax.pipeline.curves`)."""
     t = time.time()
+    curves = curves or TrainingCurves()
     ft, data = cfg.finetune, ev.data
     eta0 = start_step if cfg.relax.step_size is None else cfg.relax.step_size
     steps_per_epoch = len(batch_plan([len(s) for s, _ in data.fit_items], ft.batch_size, data.buckets,
@@ -100,6 +103,14 @@ def fine_tune(cfg: RunConfig, model, ev: Evaluator, model_params, start_step: fl
     test0 = ev.test(bptt, params0).avg if ft.epochs else None
     if cfg.resume and latest_step(ft_dir) is not None:
         state, metrics_rows, start_epoch = resume_bptt(ft_dir, state)
+    if ft.epochs:
+        start_row = {"epoch": 0, "val_loss": val0, "test_loss": test0}
+        if bptt.step_size(params0) is not None:
+            start_row["step_size"] = float(eta0)
+        if start_epoch:
+            curves.restored("bptt", [start_row] + metrics_rows)
+        else:
+            curves.epoch("bptt", start_row)
     # The delivered model: the epoch with the best validation loss (epoch 0: the starting model).
     best_epoch, best_val = _best_epoch(metrics_rows, val0)
     best_params = jax.device_get(bptt_params(ft_dir, state, best_epoch) if best_epoch else params0)
@@ -116,7 +127,7 @@ def fine_tune(cfg: RunConfig, model, ev: Evaluator, model_params, start_step: fl
     for epoch in bar:
         te = time.time()
         state, stats = _train_epoch(train_step, state, ref_params, data, ft.batch_size, data_rng, mesh, epoch,
-                                    cfg.progress)
+                                    cfg.progress, curves, first_step=epoch * steps_per_epoch)
         seconds = time.time() - te
         val = val_loss(state.params)
         test = ev.test(bptt, state.params)  # with the model's own (possibly learned) step
@@ -131,6 +142,7 @@ def fine_tune(cfg: RunConfig, model, ev: Evaluator, model_params, start_step: fl
         if stats.residuals:
             _adjoint_report(row, stats.residuals, bptt.relax.adjoint_tol)
         metrics_rows.append(row)
+        curves.epoch("bptt", row)
         if val is None or (best_val is not None and val < best_val):
             best_epoch, best_val = epoch + 1, val
             best_params = jax.device_get(parallel.unreplicate(state.params))
@@ -165,8 +177,9 @@ class _EpochStats:
 
 
 def _train_epoch(train_step, state, ref_params, data: Data, batch_size: int, data_rng: np.random.Generator, mesh,
-                 epoch: int, progress: bool):
-    """One pass over BPTT's training relaxations, shuffled by ``data_rng``: (state, :class:`_EpochStats`)."""
+                 epoch: int, progress: bool, curves: TrainingCurves, first_step: int):
+    """One pass over BPTT's training relaxations, shuffled by ``data_rng``: (state, :class:`_EpochStats`). Each
+    step's numbers go to ``curves`` at step ``first_step + i`` (i = 1, 2, ...)."""
     stats = _EpochStats()
     train_batches = relax_batches(data.fit_items, batch_size, data.buckets, data_rng)
     inner = tqdm(train_batches, desc=f"epoch {epoch + 1}", leave=False, disable=not progress)
@@ -174,12 +187,16 @@ def _train_epoch(train_step, state, ref_params, data: Data, batch_size: int, dat
         if mesh is not None:
             batch = parallel.shard_batch(batch, mesh, process_local=False)
         state, m = train_step(state, batch, ref_params)
-        stats.losses.append(float(m["loss"]))
-        stats.frames.append(float(m["frames"]))
-        stats.structure_frames += float(m["frames"]) * len(idx)
-        stats.diverged += int(m["diverged"])
+        # The host converts these for the epoch's row anyway: logging them per step adds no device sync.
+        step_row = {"loss": float(m["loss"]), "frames": float(m["frames"]), "diverged": int(m["diverged"])}
+        stats.losses.append(step_row["loss"])
+        stats.frames.append(step_row["frames"])
+        stats.structure_frames += step_row["frames"] * len(idx)
+        stats.diverged += step_row["diverged"]
         if "adjoint_residual" in m:
-            stats.residuals.append(float(m["adjoint_residual"]))
+            step_row["adjoint_residual"] = float(m["adjoint_residual"])
+            stats.residuals.append(step_row["adjoint_residual"])
+        curves.scalars("bptt_step", step_row, first_step + len(stats.losses))
         inner.set_postfix(loss=f"{stats.losses[-1]:.3f}")
     return state, stats
 

@@ -20,6 +20,7 @@ from bptt_jax.models import fit_input_stats
 from bptt_jax.pipeline.checkpoints import (init_from_dir, latest_step, pretrained_dir, restore_checkpoint,
                                            save_checkpoint)
 from bptt_jax.pipeline.config import PretrainConfig, RunConfig
+from bptt_jax.pipeline.curves import TrainingCurves
 from bptt_jax.pipeline.data import Data, batch_plan, force_batches
 from bptt_jax.structures import Batch, Structure
 
@@ -62,7 +63,8 @@ def force_errors(errors_fn, params, batches: list[Batch]) -> tuple[float, float]
 def pretrain(model, params, frames: list[Structure], cfg: PretrainConfig, buckets, seed: int,
              progress: bool = True, on_epoch: Optional[Callable[[dict], None]] = None):
     """Adam with clipping and reduce-on-plateau on the force MSE; early stopping on a validation split.
-    Returns the best parameters (by validation force MSE) and the per-epoch history."""
+    Returns the best parameters (by validation force MSE) and the per-epoch history; ``on_epoch`` gets each
+    epoch's row of it when the epoch is done."""
     from tqdm.auto import tqdm
 
     rng = np.random.default_rng(seed)
@@ -101,8 +103,6 @@ def pretrain(model, params, frames: list[Structure], cfg: PretrainConfig, bucket
         rec = {"epoch": epoch + 1, "train_force_mse": float(np.mean(losses)), "val_force_mse": val_mse,
                "val_force_l2": val_l2, "lr": lr}
         history.append(rec)
-        if on_epoch:
-            on_epoch(rec)
         bar.set_postfix(val_mse=f"{val_mse:.4f}", lr=f"{rec['lr']:.1e}")
         log.debug("pretrain epoch %d: train %.5f, val %.5f, lr %.2e", epoch + 1, rec["train_force_mse"], val_mse,
                   rec["lr"])
@@ -111,6 +111,8 @@ def pretrain(model, params, frames: list[Structure], cfg: PretrainConfig, bucket
         else:
             bad_epochs += 1
         rec["best_epoch"] = epoch + 1 - bad_epochs
+        if on_epoch:
+            on_epoch(rec)
         if cfg.patience is not None and bad_epochs >= cfg.patience:
             rec["stop"] = "plateau"
             break
@@ -133,10 +135,13 @@ class Pretrained:
     seconds: float
 
 
-def pretrained_model(cfg: RunConfig, model, data: Data, key: jax.Array, run_dir: Path) -> Pretrained:
+def pretrained_model(cfg: RunConfig, model, data: Data, key: jax.Array, run_dir: Path,
+                     curves: Optional[TrainingCurves] = None) -> Pretrained:
     """The pretrained model: restored from ``model.init_from``, or from this run's own checkpoint when resuming,
-    else trained on ``data.frames`` (:func:`pretrain`) and saved to ``checkpoints/pretrained``."""
+    else trained on ``data.frames`` (:func:`pretrain`) and saved to ``checkpoints/pretrained``. ``curves`` gets
+    each epoch's row as it is trained (a restored history: :meth:`TrainingCurves.restored`)."""
     t = time.time()
+    curves = curves or TrainingCurves()
     pre_dir = pretrained_dir(run_dir)
     params = model.init(key, data.sample)
     history: list[dict] = []
@@ -145,15 +150,18 @@ def pretrained_model(cfg: RunConfig, model, data: Data, key: jax.Array, run_dir:
         params, meta, _ = restore_checkpoint(src, params)
         history = meta.get("history", [])
         log.info("pretrained parameters from %s", src)
+        curves.restored("pretrain", history)
     elif cfg.resume and latest_step(pre_dir) is not None:
         params, meta, _ = restore_checkpoint(pre_dir, params)
         history = meta.get("history", [])
+        curves.restored("pretrain", history)
     else:
         if not data.frames:
             raise ValueError("no frames with forces to pretrain on; set model.init_from")
         if getattr(model, "input_norm", False):  # ResMLP: standardize its inputs by the training frames' statistics
             params = fit_input_stats(model, params, force_batches(data.frames, cfg.pretrain.batch_size, data.buckets))
-        params, history = pretrain(model, params, data.frames, cfg.pretrain, data.buckets, cfg.seed, cfg.progress)
+        params, history = pretrain(model, params, data.frames, cfg.pretrain, data.buckets, cfg.seed, cfg.progress,
+                                   on_epoch=lambda row: curves.epoch("pretrain", row))
         save_checkpoint(pre_dir, 0, params, {"history": history})
     out = Pretrained(params, history, time.time() - t)
     if history:

@@ -11,6 +11,7 @@ import jax
 from bptt_jax import parallel
 from bptt_jax.pipeline import report
 from bptt_jax.pipeline.config import RunConfig
+from bptt_jax.pipeline.curves import TrainingCurves
 from bptt_jax.pipeline.data import load_data
 from bptt_jax.pipeline.evaluate import Evaluator, baselines, equal_compute_control, evaluate_tuned
 from bptt_jax.pipeline.finetuning import fine_tune
@@ -20,19 +21,23 @@ from bptt_jax.pipeline.pretraining import pretrained_model
 def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
     """Run every stage and write the run directory; returns the results dictionary.
 
-    Multi-host: every process runs every stage (only the BPTT steps are shared); process 0 alone writes."""
+    Multi-host: every process runs every stage (only the BPTT steps are shared); process 0 alone writes.
+    ``logging.tensorboard``: the training curves and results also go to TensorBoard event files, closed when the
+    run ends or fails (:mod:`~bptt_jax.pipeline.curves`)."""
     cfg.validate()
     parallel.initialize(cfg.distributed)  # multi-host: before any JAX computation (no-op unless enabled)
     run_dir = report.start_run(cfg)
-    model = cfg.model.build()
-    data = load_data(cfg, getattr(model, "max_atoms", None))  # ResMLP: a fixed input size
-    key = jax.random.PRNGKey(cfg.seed)
-    pre = pretrained_model(cfg, model, data, key, run_dir)
-    ev = Evaluator.create(cfg, model, data, key)  # relaxes the test and validation splits for every stage below
-    base = baselines(cfg, model, ev, pre.params)
-    tuned = fine_tune(cfg, model, ev, pre.params, base.val_step, key, run_dir)
-    final = evaluate_tuned(ev, tuned.bptt, tuned.params, pre.params)
-    control = equal_compute_control(cfg, model, ev, pre.params, tuned.metrics)
-    results = report.build_results(cfg, data, pre, base, tuned, final, control)
-    report.write_run(cfg, run_dir, results, pre.history, tuned.metrics)
+    with TrainingCurves.open(cfg, run_dir) as curves:
+        model = cfg.model.build()
+        data = load_data(cfg, getattr(model, "max_atoms", None))  # ResMLP: a fixed input size
+        key = jax.random.PRNGKey(cfg.seed)
+        pre = pretrained_model(cfg, model, data, key, run_dir, curves)
+        ev = Evaluator.create(cfg, model, data, key)  # relaxes the test and validation splits for every stage below
+        base = baselines(cfg, model, ev, pre.params)
+        tuned = fine_tune(cfg, model, ev, pre.params, base.val_step, key, run_dir, curves)
+        final = evaluate_tuned(ev, tuned.bptt, tuned.params, pre.params)
+        control = equal_compute_control(cfg, model, ev, pre.params, tuned.metrics)
+        results = report.build_results(cfg, data, pre, base, tuned, final, control)
+        report.write_run(cfg, run_dir, results, pre.history, tuned.metrics)
+        curves.results(results, report.markdown_table(results), step=cfg.finetune.epochs)
     return results
