@@ -95,7 +95,7 @@ def _template_batch(model) -> Batch:
     return Batch.from_structures([s], [s.positions], n_atoms=getattr(model, "max_atoms", None) or 2)
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
+def read_json(path: Path, what: str) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -118,8 +118,8 @@ def load_run(run_dir: Union[str, Path], checkpoint: Checkpoint = "final") -> Loa
         that has no checkpoint.
     """
     path = Path(run_dir)
-    cfg = RunConfig.from_dict(_read_json(path / "run_config.json", "run_config.json"))
-    results = _read_json(path / "results.json", "results.json (the run did not finish)")
+    cfg = RunConfig.from_dict(read_json(path / "run_config.json", "run_config.json"))
+    results = read_json(path / "results.json", "results.json (the run did not finish)")
     eta0 = float(results["step_size_initial"])
     model = cfg.model.build()
     sample = _template_batch(model)

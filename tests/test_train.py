@@ -64,7 +64,8 @@ def test_tiny_end_to_end_run_and_resume(tmp_path, cli_cache):
     assert res["n_test"] == 4 and set(res["constant_step_grid"]) == {"0.01", "0.05"}
     assert res["avg_dq"]["constant_step"] == min(res["constant_step_grid"].values())
     assert set(res["wall_s"]) >= {"data", "pretrain", "baselines", "bptt", "evaluate", "force_control"}
-    for name in ("loss_per_epoch.png", "per_structure.png", "config_resolved.yaml", "metrics.csv"):
+    for name in ("loss_per_epoch.png", "per_structure.png", "displacement_errors.png", "config_resolved.yaml",
+                 "metrics.csv"):
         assert (run_dir / name).exists(), name
     assert (run_dir / "checkpoints" / "pretrained" / "0").is_dir()
     assert (run_dir / "checkpoints" / "bptt" / "1").is_dir()
@@ -76,6 +77,27 @@ def test_tiny_end_to_end_run_and_resume(tmp_path, cli_cache):
     # compile_cache_dir: the compiled programs were written to the persistent cache (the resume below reads them).
     assert f"persistent compilation cache: {cli_cache / 'xla'}" in log_text
     assert len(list((cli_cache / "xla").iterdir())) > 10
+
+    # python -m bptt_jax.evaluate on the saved run: every figure of its results.json again, bit for bit (the same
+    # data, models, relaxations and XLA settings), except the equal-compute control, which trains.
+    out = tmp_path / "evaluation"
+    r = subprocess.run([sys.executable, "-m", "bptt_jax.evaluate", str(run_dir), "progress=false",
+                        f"compile_cache_dir={cli_cache / 'xla'}", "-o", str(out)], capture_output=True, text=True,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "| BPTT-tuned (epoch " in r.stdout and (out / "results.md").read_text().strip() in r.stdout
+    evaluated = json.loads((out / "results.json").read_text())
+    no_control = lambda d: {k: v for k, v in d.items() if k != "force_control"}  # noqa: E731
+    for key in ("avg_dq", "avg_dq_without_diverged", "basins", "diverged", "adwt", "frames", "force_l2", "force_mse",
+                "per_structure", "constant_step_grid", "validation_step_grid", "constant_step_best", "reduction_pct",
+                "reduction_vs_fire_pct", "oracle", "split", "n_test", "step_size_final", "bptt_selection"):
+        assert (no_control(evaluated[key]) if isinstance(evaluated[key], dict) else evaluated[key]) == (
+            no_control(res[key]) if isinstance(res[key], dict) else res[key]), key
+    assert evaluated["evaluated"] == {"run": str(run_dir), "checkpoint": "final",
+                                      "epoch": res["bptt_selection"]["kept_epoch"], "overrides": [
+                                          "progress=false", f"compile_cache_dir={cli_cache / 'xla'}"]}
+    for name in ("per_structure.png", "displacement_errors.png", "run_config.json"):
+        assert (out / name).exists(), name
 
     # Resume with a longer budget: epoch 1 is kept, epoch 2 is added, pretraining is not repeated.
     r = _train(tmp_path, cli_cache, f"hydra.run.dir={run_dir}", "train.resume=true", "finetune.epochs=2",

@@ -53,6 +53,7 @@ class EvalResult:
     adwt: float
     dq: Optional[np.ndarray] = None  # (S,) Dq per structure whatever the loss (for the basin count)
     diverged_mask: Optional[np.ndarray] = None  # (S,) bool
+    positions: Optional[np.ndarray] = None  # (S, N, 3) final positions, Å, padded to the widest structure
 
     def summary(self, basin_dq: float) -> dict[str, Any]:
         """Avg loss with and without the diverged (degenerate) relaxations, their count, and how many
@@ -83,6 +84,7 @@ def evaluate_relaxation(bptt: BPTT, params, batches: list[tuple[list[int], Batch
     bad = np.zeros(n_items, bool)
     preds, tgts, cells, pbcs, frees = [], [], [], [], []
     width = max(b.positions.shape[1] for _, b in batches)
+    final = np.zeros((n_items, width, 3))
     params = parallel.unreplicate(params)  # one local copy (of a replicated multi-host state, too)
     if mesh is not None:
         params = parallel.replicate(params, mesh)
@@ -96,13 +98,14 @@ def evaluate_relaxation(bptt: BPTT, params, batches: list[tuple[list[int], Batch
         bad[idx] = np.asarray(out["diverged"])[:k]
         pad = ((0, 0), (0, width - batch.positions.shape[1]), (0, 0))
         preds.append(np.pad(np.asarray(out["positions"])[:k], pad))
+        final[idx] = preds[-1]
         tgts.append(np.pad(np.asarray(batch.target_positions)[:k], pad))
         cells.append(np.asarray(batch.cell)[:k])
         pbcs.append(np.asarray(batch.pbc)[:k])
         frees.append(np.pad(np.asarray(batch.free_mask)[:k], pad[:2]))
     score = adwt(np.concatenate(preds), np.concatenate(tgts), np.concatenate(cells), np.concatenate(pbcs),
                  np.concatenate(frees))
-    return EvalResult(float(per.mean()), per, frames, int(bad.sum()), score, dq_per, bad)
+    return EvalResult(float(per.mean()), per, frames, int(bad.sum()), score, dq_per, bad, final)
 
 
 def initial_loss(batches, n_items: int, loss: str) -> np.ndarray:

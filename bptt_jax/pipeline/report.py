@@ -8,17 +8,19 @@ import csv
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from bptt_jax import parallel
 from bptt_jax.pipeline.config import RunConfig
 from bptt_jax.pipeline.data import Data
-from bptt_jax.pipeline.evaluate import Baselines, Control, Evaluation
+from bptt_jax.pipeline.evaluate import Baselines, Control, EvalResult, Evaluation
 from bptt_jax.pipeline.finetuning import Tuned
 from bptt_jax.pipeline.pretraining import Pretrained
+from bptt_jax.structures import Structure, displacement
 
 
 def jsonable(x):
@@ -130,19 +132,32 @@ def start_run(cfg: RunConfig) -> Path:
     return run_dir
 
 
-def write_run(cfg: RunConfig, run_dir: Path, results: dict, pretrain_rows: list[dict], bptt_rows: list[dict]) -> None:
-    """Write ``results.json``, ``metrics.csv`` and (``cfg.plots``) the plots into the run directory.
+def write_run(cfg: RunConfig, run_dir: Path, results: dict, pretrain_rows: list[dict], bptt_rows: list[dict],
+              metrics: bool = True) -> None:
+    """Write ``results.json``, ``metrics.csv`` (unless ``metrics`` is False: an evaluation without training) and
+    (``cfg.plots``) the plots into the run directory.
 
     Multi-host: every process runs every stage; process 0 alone writes the run directory (config, checkpoints,
     results, metrics, plots), so processes sharing one run_dir do not clobber each other's files, and nobody
     leaves (and tears down the distributed runtime) before it has written."""
     if parallel.is_primary():
         (run_dir / "results.json").write_text(json.dumps(jsonable(results), indent=1))
-        _write_metrics(run_dir / "metrics.csv", pretrain_rows, bptt_rows)
+        if metrics:
+            _write_metrics(run_dir / "metrics.csv", pretrain_rows, bptt_rows)
         if cfg.plots:
             _plots(run_dir, bptt_rows, results, results["avg_dq"]["constant_step"])
     if jax.process_count() > 1:
         parallel.sync("run written")
+
+
+def write_error_picture(cfg: RunConfig, run_dir: Path, items: Sequence[tuple[Structure, np.ndarray]],
+                        before: EvalResult, after: EvalResult, step_size: float) -> None:
+    """``displacement_errors.png`` (:func:`error_picture`): the best constant step's relaxations of the test split
+    with the pretrained model beside the fine-tuned model's (``cfg.plots``; process 0)."""
+    if cfg.plots and parallel.is_primary() and items:
+        metric = "Dq" if cfg.data.loss == "dq" else "MSE"
+        error_picture(run_dir / "displacement_errors.png", items, before, after,
+                      (f"pretrained, constant step η={step_size:g}", "BPTT-tuned"), metric)
 
 
 def _write_metrics(path: Path, pretrain_rows: list[dict], bptt_rows: list[dict]) -> None:
@@ -163,19 +178,20 @@ def _plots(run_dir: Path, rows: list[dict], results: dict, constant: float) -> N
     import matplotlib.pyplot as plt
 
     label = "Avg Dq" if results["loss"] == "dq" else "Avg MSE"
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    epochs = [r["epoch"] for r in rows]
-    ax.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train")
-    ax.plot(epochs, [r["test_loss"] for r in rows], "s-", label="test")
-    ax.axhline(constant, color="gray", ls="--", label="best constant step")
-    if results["avg_dq"]["fire"] is not None:
-        ax.axhline(results["avg_dq"]["fire"], color="tab:red", ls=":", label="FIRE")
-    ax.set_xlabel("BPTT epoch")
-    ax.set_ylabel(label)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(run_dir / "loss_per_epoch.png", dpi=120)
-    plt.close(fig)
+    if rows:  # the training curve (an evaluation of a saved model has none)
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        epochs = [r["epoch"] for r in rows]
+        ax.plot(epochs, [r["train_loss"] for r in rows], "o-", label="train")
+        ax.plot(epochs, [r["test_loss"] for r in rows], "s-", label="test")
+        ax.axhline(constant, color="gray", ls="--", label="best constant step")
+        if results["avg_dq"]["fire"] is not None:
+            ax.axhline(results["avg_dq"]["fire"], color="tab:red", ls=":", label="FIRE")
+        ax.set_xlabel("BPTT epoch")
+        ax.set_ylabel(label)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(run_dir / "loss_per_epoch.png", dpi=120)
+        plt.close(fig)
 
     before = np.asarray(results["per_structure"]["constant_step"])
     after = np.asarray(results["per_structure"]["bptt"])
@@ -189,6 +205,54 @@ def _plots(run_dir: Path, rows: list[dict], results: dict, constant: float) -> N
     fig.tight_layout()
     fig.savefig(run_dir / "per_structure.png", dpi=120)
     plt.close(fig)
+
+
+def per_atom_errors(final: np.ndarray, structure: Structure, target: np.ndarray) -> np.ndarray:
+    """(n,) distance in Å of each atom's final position from its reference position, by minimum image."""
+    n = len(structure)
+    d = displacement(jnp.asarray(final[:n]), jnp.asarray(target[:n]), jnp.asarray(structure.cell),
+                     jnp.asarray(structure.pbc))
+    return np.linalg.norm(np.asarray(d), axis=-1)
+
+
+def error_picture(path: Path, items: Sequence[tuple[Structure, np.ndarray]], before: EvalResult,
+                  after: EvalResult, labels: tuple[str, str], metric: str, count: int = 3) -> list[int]:
+    """Test structures coloured by per-atom displacement error, before fine-tuning and after, side by side.
+
+    The ``count`` structures the ``before`` relaxation got most wrong (largest per-structure loss, diverged ones
+    left out) are drawn at their reference (DFT-relaxed) positions, each atom coloured by how far it ended from
+    its reference position, on one colour scale per structure: where the pretrained model misplaced a defect's
+    neighbours they light up on the left and, if fine-tuning fixed them, fade on the right. Returns the test
+    indices drawn (in the order of the rows)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from ase.visualize.plot import plot_atoms
+
+    order = np.argsort(-np.asarray(before.per_structure))
+    bad = before.diverged_mask if before.diverged_mask is not None else np.zeros(len(order), bool)
+    chosen = [int(i) for i in order if not bad[i]][:count]
+    if not chosen:
+        return []
+    cmap = plt.get_cmap("inferno")
+    fig, axes = plt.subplots(len(chosen), 2, figsize=(8.4, 3.8 * len(chosen)), squeeze=False)
+    for row, i in zip(axes, chosen):
+        structure, target = items[i]
+        errors = [per_atom_errors(res.positions[i], structure, target) for res in (before, after)]
+        norm = matplotlib.colors.Normalize(0.0, max(float(max(e.max() for e in errors)), 1e-3))
+        atoms = structure.to_atoms()
+        atoms.positions = np.asarray(target[:len(structure)], float)
+        for ax, err, res, label in zip(row, errors, (before, after), labels):
+            plot_atoms(atoms, ax, rotation="10x,-20y,0z", radii=0.5, colors=[cmap(norm(e)) for e in err])
+            ax.set_title(f"test {i}, {label}\n{metric} {res.per_structure[i]:.3g}, largest error {err.max():.2f} Å",
+                         fontsize=9)
+            ax.set_axis_off()
+        fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=list(row), shrink=0.8,
+                     label="distance from the reference position (Å)")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return chosen
 
 
 def markdown_table(results: dict) -> str:

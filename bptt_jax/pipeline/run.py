@@ -39,5 +39,6 @@ def run_pipeline(cfg: RunConfig) -> dict[str, Any]:
         control = equal_compute_control(cfg, model, ev, pre.params, tuned.metrics)
         results = report.build_results(cfg, data, pre, base, tuned, final, control)
         report.write_run(cfg, run_dir, results, pre.history, tuned.metrics)
+        report.write_error_picture(cfg, run_dir, data.test_items, base.constant_step, final.tuned, base.best_step)
         curves.results(results, report.markdown_table(results), step=cfg.finetune.epochs)
     return results
