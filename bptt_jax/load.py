@@ -26,7 +26,7 @@ from bptt_jax.bptt import BPTT, Params
 from bptt_jax.inference import InferenceStats, RelaxOutcome, relax_many
 from bptt_jax.pipeline.checkpoints import bptt_dir, latest_step, pretrained_dir, restore_checkpoint
 from bptt_jax.pipeline.config import RunConfig
-from bptt_jax.pipeline.finetuning import make_bptt
+from bptt_jax.pipeline.finetuning import make_bptt, starting_params
 from bptt_jax.structures import Batch, Structure
 
 Checkpoint = Union[str, int]
@@ -138,7 +138,7 @@ def load_run(run_dir: Union[str, Path], checkpoint: Checkpoint = "final") -> Loa
     else:
         raise ValueError(f"checkpoint must be 'final', 'pretrained' or an epoch number, not {checkpoint!r}")
     bptt = make_bptt(used, model, eta0, steps_per_epoch=1)
-    params = bptt.with_model_params(variables, jax.random.PRNGKey(0), sample)
+    params = starting_params(bptt, variables, jax.random.PRNGKey(cfg.seed), sample)  # epoch 0's, as fine_tune's
     if epoch > 0:
         last = latest_step(bptt_dir(path))
         if last is None or epoch > last:

@@ -346,3 +346,35 @@ def test_ablation_options_run_through_the_pipeline(tmp_path, cli_cache):
     assert res["constant_step_grid"] == plain["constant_step_grid"]
     with pytest.raises(ValueError, match="finetune.noise"):
         run_pipeline(dataclasses.replace(cfg, relax=RelaxConfig(max_frames=8, noise=0.01)))
+
+
+def test_a_loaded_run_rebuilds_its_starting_step_head(tmp_path):
+    """Epoch 0 of a run whose step head starts from random weights (``output_init=random``) is what fine_tune
+    started from: load_run draws the head from the run's seed as fine_tune does, on a batch of other shapes."""
+    import jax
+
+    from bptt_jax import load_run
+    from bptt_jax.pipeline import make_bptt, pretrained_dir, save_checkpoint
+    from bptt_jax.pipeline.finetuning import starting_params
+    from bptt_jax.pipeline.report import jsonable
+    from bptt_jax.structures import Batch
+
+    cfg = _tiny_run(tmp_path, tmp_path, relax={"step_mode": "network",
+                                               "step_head": (("output_init", "random"), ("d_model", 8))})
+    cfg = dataclasses.replace(cfg, seed=7)
+    model = cfg.model.build()
+    start, _ = rattled_si(cubic=True)
+    sample = Batch.from_structures([start], n_atoms=16)
+    variables = model.init(jax.random.PRNGKey(1), sample)
+    run_dir = Path(cfg.run_dir)
+    save_checkpoint(pretrained_dir(run_dir), 0, variables, {"history": []})
+    (run_dir / "run_config.json").write_text(json.dumps(jsonable(cfg)))
+    (run_dir / "results.json").write_text(json.dumps({"step_size_initial": 0.02, "elements": [14],
+                                                      "bptt_selection": {"kept_epoch": 0}}))
+    started = starting_params(make_bptt(cfg, model, 0.02, 1), variables, jax.random.PRNGKey(7), sample)
+    loaded = load_run(run_dir)
+    assert loaded.epoch == 0
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded.params, started)
+    other = starting_params(make_bptt(cfg, model, 0.02, 1), variables, jax.random.PRNGKey(0), sample)
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(loaded.params["step_head"]),
+                                                        jax.tree_util.tree_leaves(other["step_head"])))

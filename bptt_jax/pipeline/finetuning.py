@@ -76,6 +76,12 @@ class Tuned:
     seconds: float
 
 
+def starting_params(bptt: BPTT, model_params, key: jax.Array, sample) -> dict:
+    """The parameters BPTT starts from (epoch 0): the pretrained model's, with the step-size parameters (a learned
+    η, a step head) drawn from the run's ``key`` (``PRNGKey(seed)``), so that a loaded run rebuilds them exactly."""
+    return bptt.with_model_params(model_params, jax.random.fold_in(key, 1), sample)
+
+
 def fine_tune(cfg: RunConfig, model, ev: Evaluator, model_params, start_step: float, key: jax.Array,
               run_dir: Path, curves: Optional[TrainingCurves] = None) -> Tuned:
     """BPTT from the pretrained ``model_params`` at step size ``relax.step_size`` (None: ``start_step``),
@@ -89,7 +95,7 @@ def fine_tune(cfg: RunConfig, model, ev: Evaluator, model_params, start_step: fl
     steps_per_epoch = len(batch_plan([len(s) for s, _ in data.fit_items], ft.batch_size, data.buckets,
                                      np.random.default_rng(0)))
     bptt = make_bptt(cfg, model, eta0, steps_per_epoch)
-    params0 = bptt.with_model_params(model_params, jax.random.fold_in(key, 1), data.sample)
+    params0 = starting_params(bptt, model_params, key, data.sample)
     ref_params = params0 if ft.prox_weight else None
     state = bptt.init_state(params0, jax.random.fold_in(key, 2))
     ft_dir = bptt_dir(run_dir)
