@@ -138,7 +138,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                           bptt_diverged=bool(diverged))
             out_atoms.append(b)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    write(args.output, out_atoms)
+    partial = args.output.with_name(f".{args.output.stem}.partial{args.output.suffix}")  # same format, same disk
+    try:
+        write(partial, out_atoms)
+        partial.replace(args.output)  # complete or absent: never a half-written output
+    finally:
+        partial.unlink(missing_ok=True)
     done = [info[i] for i in todo]
     log.info("%d structures relaxed (%d converged, %d diverged), %d written unrelaxed, %d unreadable file(s): %s",
              len(todo), sum(c for _, c, _ in done), sum(d for _, _, d in done), len(structures) - len(todo),
