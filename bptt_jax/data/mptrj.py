@@ -202,7 +202,7 @@ def _frame(path: Path, record: str, frame_id: str, d) -> Frame:
         raise
     except KeyError as exc:
         raise data_error(path, record, f"missing field {exc}", "malformed") from None
-    except (TypeError, ValueError, AttributeError) as exc:
+    except (TypeError, ValueError, AttributeError, IndexError, OverflowError) as exc:
         raise data_error(path, record, f"malformed frame ({type(exc).__name__}: {exc})", "malformed") from None
     return Frame(positions, np.asarray(numbers, np.int32), cell, pbc, energy, forces, label=frame_id)
 
@@ -228,6 +228,8 @@ def _trajectories(path: Path, mp_id: str, frames) -> Iterator[Trajectory | DataE
             yield assemble(path, record, parsed, traj_id=record)
         except DataError as err:
             yield err
+        except Exception as exc:  # noqa: BLE001 (a damaged record costs that record, not the rest of the file)
+            yield data_error(path, record, f"malformed record ({type(exc).__name__}: {exc})", "malformed")
 
 
 def read_mptrj(path: Path) -> Iterator[Trajectory | DataError]:

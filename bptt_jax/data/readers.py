@@ -168,7 +168,7 @@ def assemble(source: object, record: object, frames: Sequence[Frame], traj_id: s
         )
     except DataError as err:
         raise data_error(source, record, err.reason, _kind_of_trajectory_error(err.reason)) from None
-    except (ValueError, TypeError) as err:  # ragged or non-numeric arrays
+    except (ValueError, TypeError, OverflowError) as err:  # ragged or non-numeric arrays
         raise data_error(source, record, f"{type(err).__name__}: {err}", "malformed") from None
 
 
@@ -403,10 +403,9 @@ def read_asedb(path: Path) -> Iterator[Trajectory | DataError]:
             for j in order:
                 row_id = rows[j][0]
                 try:
-                    atoms = db.get(id=row_id).toatoms()
-                except Exception as exc:
+                    frames.append(frame_from_atoms(db.get(id=row_id).toatoms(), f"row {row_id}"))
+                except Exception as exc:  # a damaged row: its trajectory is skipped, the others are read
                     raise _ase_failure(path, f"{label} (row {row_id})", exc) from None
-                frames.append(frame_from_atoms(atoms, f"row {row_id}"))
             yield assemble(path, label, frames, traj_id=tid)
         except DataError as err:
             yield err
