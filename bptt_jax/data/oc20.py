@@ -479,6 +479,9 @@ def record_trajectory(source: object, record: str, obj) -> Trajectory:
                 raise data_error(source, record, f"{what} has {int(value)} atoms, atomic_numbers {n}", "malformed")
         tags = array("tags", False)
         fixed = array("fixed", False)
+        for name, values in (("tags", tags), ("fixed", fixed)):
+            if values is not None and not np.all(np.isfinite(values.astype(np.float64))):
+                raise data_error(source, record, f"non-finite {name}", "malformed")
         tags = None if tags is None else tags.reshape(n).astype(np.int32)
         fixed = None if fixed is None else fixed.reshape(n).astype(bool)
         y_init, y_relaxed = _scalar(attrs.get("y_init")), _scalar(attrs.get("y_relaxed"))

@@ -371,6 +371,29 @@ def _db_step(value) -> Optional[int]:
     return int(match.group(1)) if match else None
 
 
+def _db_index(db, path: Path) -> list[tuple[int, dict | DataError]]:
+    """(row id, key-value pairs) of every row, reading neither structures nor data (memory holds an index); a row
+    whose pairs cannot be decoded comes with a :class:`DataError` in their place."""
+    try:
+        index = [(row.id, row.key_value_pairs) for row in db.select(include_data=False,
+                                                                   columns=["id", "key_value_pairs"])]
+        if all(isinstance(kvp, dict) for _, kvp in index):
+            return index
+    except Exception:  # noqa: BLE001 (a damaged row ends the select: go row by row to find it)
+        pass
+    index = []
+    for (row_id,) in [(row.id,) for row in db.select(columns=["id"])]:
+        try:
+            (row,) = db.select(id=row_id, include_data=False, columns=["id", "key_value_pairs"])
+            if not isinstance(row.key_value_pairs, dict):
+                raise TypeError(f"a {type(row.key_value_pairs).__name__}, not a mapping")
+            index.append((row_id, row.key_value_pairs))
+        except Exception as exc:  # noqa: BLE001
+            index.append((row_id, data_error(path, f"row {row_id}", f"unreadable key-value pairs "
+                                                                   f"({type(exc).__name__}: {exc})", "malformed")))
+    return index
+
+
 def read_asedb(path: Path) -> Iterator[Trajectory | DataError]:
     """Trajectories from an ASE database (grouping convention in the module docstring)."""
     import ase.db
@@ -379,18 +402,21 @@ def read_asedb(path: Path) -> Iterator[Trajectory | DataError]:
     _check_not_empty(path)
     try:
         db = ase.db.connect(str(path), create_indices=False) if path.suffix == ".db" else ase.db.connect(str(path))
-        # Pass 1: only ids and key-value pairs, so memory holds an index, not the structures.
-        groups: dict[str, tuple[str, list[tuple[int, dict]]]] = {}
-        for row in db.select(include_data=False, columns=["id", "key_value_pairs"]):
-            label, tid = _db_group(row.key_value_pairs, row.id)
-            groups.setdefault(label, (tid, []))[1].append((row.id, row.key_value_pairs))
+        index = _db_index(db, path)
     except DataError:
         raise
     except Exception as exc:
         raise data_error(path, None, f"cannot open as an ASE database ({type(exc).__name__}: {exc})",
                          "malformed") from None
-    if not groups:
+    if not index:
         raise data_error(path, None, "no rows", "empty")
+    groups: dict[str, tuple[str, list[tuple[int, dict]]]] = {}
+    for row_id, kvp in index:
+        if isinstance(kvp, DataError):
+            yield kvp  # a row whose key-value pairs are damaged: it cannot be grouped, so it is its own record
+            continue
+        label, tid = _db_group(kvp, row_id)
+        groups.setdefault(label, (tid, []))[1].append((row_id, kvp))
     for label, (tid, rows) in groups.items():
         step_key = next((k for k in _DB_STEP_KEYS if all(k in kvp for _, kvp in rows)), None)
         steps = [(_db_step(kvp[step_key]) if step_key else None) for _, kvp in rows]
