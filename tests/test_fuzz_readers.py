@@ -218,6 +218,18 @@ def test_fuzz_extxyz_text(n, edits):
         assert error is not None or len(trajs) == 1
 
 
+@pytest.mark.parametrize("count", ["99999999999999999999", "100000000"])
+def test_extxyz_huge_atom_count_is_an_error_not_a_hang(count):
+    """ASE skips a frame's atom lines by its header's count without checking for the end of the file (found by
+    the fuzzer: the read never finished)."""
+    lines = extxyz_text(2).split("\n")
+    lines[4] = count  # the second frame's header
+    with workdir() as tmp:
+        path, (error, trajs, skipped) = _read_after(tmp, "relax.extxyz", "\n".join(lines))
+        assert str(error) == f"{path}: record frame 1: its header says {count} atoms, only 6 lines follow"
+        assert trajs == [] and skipped.counts == {"malformed": 1}
+
+
 @fuzz(30)
 @given(n=st.integers(1, 4), edits=st.lists(byte_edit, min_size=1, max_size=3))
 def test_fuzz_extxyz_bytes(n, edits):
@@ -286,6 +298,14 @@ def test_vasp_files_are_valid_before_damage(name, make):
         assert error is None and len(trajs) == 1 and trajs[0].n_frames == 3 and trajs[0].n_atoms == 3
         np.testing.assert_allclose(trajs[0].energy, [-10.0, -11.0, -12.0])
         np.testing.assert_allclose(trajs[0].positions, [a.positions for a in si_frames(3)], atol=1e-4)
+
+
+def test_outcar_ion_count_beyond_the_file_is_refused_before_reading():
+    """ASE would build a list of that many symbols first (10^9: gigabytes) before failing."""
+    text = outcar_text(3).replace("ions per type =               3", "ions per type =               1000000000")
+    with workdir() as tmp:
+        path, (error, trajs, skipped) = _read_after(tmp, "OUTCAR", text)
+        assert "'ions per type' counts 1000000000 ions" in str(error) and error.record is None and trajs == []
 
 
 @fuzz(25)

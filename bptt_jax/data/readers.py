@@ -236,6 +236,10 @@ def _iread_frames(path: Path, ase_format: Optional[str] = None) -> Iterator[Fram
     _check_not_empty(path)
     count = 0
     try:
+        if _strip_compression(path.name).lower().endswith((".xyz", ".extxyz")):
+            _check_xyz_atom_counts(path)
+        elif "OUTCAR" in path.name:
+            _check_outcar_ion_count(path)
         for atoms in ase.io.iread(str(path), index=":", format=ase_format):
             yield frame_from_atoms(atoms, f"frame {count}")
             count += 1
@@ -243,6 +247,54 @@ def _iread_frames(path: Path, ase_format: Optional[str] = None) -> Iterator[Fram
         raise
     except Exception as exc:  # ASE raises many types (XYZError, KeyError, ValueError, IndexError, ...)
         raise _ase_failure(path, f"frame {count}", exc) from None
+
+
+def _check_xyz_atom_counts(path: Path) -> None:
+    """Check each frame's atom count against the lines that follow it.
+
+    ASE's extxyz reader skips a frame's atom lines by the count in its header without looking for the end of the
+    file, so a damaged count (say 10^20) keeps it reading empty lines at the end of the file for ever. This pass
+    stops where ASE's own index pass would, and reports a count the file cannot hold.
+    """
+    from ase.io.formats import open_with_compression
+
+    with open_with_compression(str(path), "r") as f:
+        frame = 0
+        while True:
+            line = f.readline()
+            while line.lstrip().startswith("VEC"):  # lattice vectors after a frame (ASE skips them too)
+                line = f.readline()
+            if not line.strip():
+                return
+            try:
+                n_atoms = int(line)
+            except ValueError:
+                return  # ASE says what is wrong
+            f.readline()  # the comment line
+            for i in range(n_atoms):
+                if not f.readline():
+                    raise data_error(path, f"frame {frame}", f"its header says {n_atoms} atoms, only {i} lines "
+                                                            f"follow", "malformed")
+            frame += 1
+
+
+def _check_outcar_ion_count(path: Path) -> None:
+    """ASE builds an OUTCAR's symbol list from its header's "ions per type" before reading any position, so a
+    damaged count (say 10^9) would take gigabytes first. Each ion takes a position line of some 80 bytes per
+    ionic step: a count the file's size cannot hold is refused."""
+    from ase.io.formats import open_with_compression
+
+    size = path.stat().st_size * (20 if path.name.endswith(_COMPRESSED) else 1)  # generous for compressed files
+    with open_with_compression(str(path), "r") as f:
+        for line in f:
+            if "Iteration" in line:  # the end of the header
+                return
+            if "ions per type" in line:
+                counts = [int(x) for x in line.split("=", 1)[-1].split() if x.lstrip("-").isdigit()]
+                if sum(counts) * 40 > size:
+                    raise data_error(path, None, f"'ions per type' counts {sum(counts)} ions, more than a file of "
+                                                 f"{path.stat().st_size} bytes holds", "malformed")
+                return
 
 
 def read_ase(path: Path) -> Iterator[Trajectory]:
