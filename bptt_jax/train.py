@@ -24,6 +24,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from bptt_jax.pipeline import RunConfig, markdown_table, run_pipeline
+from bptt_jax.relax.config import require
 from bptt_jax.runtime import add_xla_flags, enable_compile_cache
 
 log = logging.getLogger("bptt_jax")
@@ -35,11 +36,21 @@ def config_from_hydra(cfg: DictConfig, run_dir: str) -> RunConfig:
     its own: it reaches the relaxation as ``relax.max_frames: ${dataset.max_frames}``."""
     c: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     data = {k: v for k, v in c["dataset"].items() if k != "max_frames"}
-    return RunConfig.from_dict({
-        "data": data, "model": c["model"], "relax": c["relax"], "pretrain": c["pretrain"], "finetune": c["finetune"],
-        "eval": c["eval"], "seed": int(c["seed"]), "run_dir": run_dir, "resume": bool(c["train"]["resume"]),
-        "progress": bool(c["progress"]), "plots": bool(c["plots"]), "distributed": c.get("distributed") or {},
-        "logging": c["logging"]})
+    try:
+        run = RunConfig.from_dict({
+            "data": data, "model": c["model"], "relax": c["relax"], "pretrain": c["pretrain"],
+            "finetune": c["finetune"], "eval": c["eval"], "seed": int(c["seed"]), "run_dir": run_dir,
+            "resume": bool(c["train"]["resume"]), "progress": bool(c["progress"]), "plots": bool(c["plots"]),
+            "distributed": c.get("distributed") or {},
+            "logging": c["logging"]})
+    except TypeError as err:  # a key the typed config has no field for, e.g. +dataset.typo=1
+        raise ValueError(f"config: {err}") from None
+    # The library keeps negative fine-tuning rates (gradient ascent) as a control; from the command line they are
+    # a typo.
+    for key in ("learning_rate", "step_learning_rate"):
+        value = getattr(run.finetune, key)
+        require(value is None or value >= 0, f"finetune.{key}", value, "at least 0")
+    return run
 
 
 def runtime_settings(cfg: DictConfig) -> tuple[list[str], Optional[str]]:
@@ -63,7 +74,7 @@ def main(cfg: DictConfig) -> None:
         log.info("XLA_FLAGS += %s", " ".join(added))
     if cache_dir:
         log.info("persistent compilation cache: %s", enable_compile_cache(cache_dir))
-    try:
+    try:  # config errors first (before any compute), then the run
         results = run_pipeline(config_from_hydra(cfg, run_dir))
     except (ValueError, OSError, RuntimeError) as err:
         # One line, no traceback; checkpoints already written stay in the run directory.

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OTHER = {
     "dataset.name": "catalysts", "dataset.path": "my_trajs.xyz", "dataset.format": "ase", "dataset.preset": "tiny",
     "dataset.n": 10, "dataset.generator": {"repeat": 3}, "dataset.cache_dir": "elsewhere", "dataset.loss": "mse",
-    "dataset.max_train": 5,
+    "dataset.max_train": 5, "dataset.buckets": [8, 16, 64],
     "model.name": "resmlp", "model.preset": "tiny", "model.overrides": {"d_model": 32}, "model.init_from": "runs/x",
     "model.matmul_dtype": "bfloat16",
     "relax.rule": "fire", "relax.step_mode": "fixed", "relax.step_size": 0.05, "relax.step_head": {"d_model": 32},
@@ -61,7 +61,6 @@ NO_KEY = {
                          "(training noise is finetune.noise)",
     "RelaxConfig.noise_anneal": "its per-frame factor, the same (finetune.noise_frame_anneal for training noise)",
     "RelaxConfig.fire": "FIRE's constants (library only)",
-    "DataConfig.buckets": "padding sizes of batches (library only)",
     "RunConfig.run_dir": "hydra.run.dir", "RunConfig.resume": "train.resume",
     "RunConfig.data": "dataset",
 }
@@ -197,3 +196,85 @@ def test_old_run_configs_load():
                                     max_frames=200, grad_mode="remat", remat_segment=1)
     assert run.data.buckets == (16, 32) and run.finetune.epochs == 3 and run.eval.step_grid == (0.01, 0.1)
     assert run.seed == 2 and run.logging == LoggingConfig()  # written before the logging node: off
+
+
+# Settings no run can use: each is refused before anything is computed, in one line naming the key.
+BAD = [
+    (["dataset.name=nonesuch"], "dataset.name"),
+    (["dataset.preset=huge"], "dataset.preset"),
+    (["dataset.path=x.csv", "dataset.format=csv"], "dataset.format"),
+    (["dataset.n=0"], "dataset.n"),
+    (["dataset.n_test=0"], "dataset.n_test"),
+    (["dataset.max_train=-1"], "dataset.max_train"),
+    (["dataset.workers=0"], "dataset.workers"),
+    (["dataset.loss=mae"], "dataset.loss"),
+    (["dataset.buckets=[]"], "dataset.buckets"),
+    (["dataset.buckets=[0,8]"], "dataset.buckets"),
+    (["+dataset.typo=1"], "typo"),
+    (["dataset.max_frames=0"], "dataset.max_frames"),
+    (["relax.step_size=-1"], "relax.step_size"),
+    (["relax.step_size=0"], "relax.step_size"),
+    (["relax.step_size=nan"], "relax.step_size"),
+    (["relax.step_size=abc"], "relax.step_size"),
+    (["relax.tol=nan"], "relax.tol"),
+    (["relax.tol=-1e-3"], "relax.tol"),
+    (["relax.momentum=1.5"], "relax.momentum"),
+    (["relax.anneal=0"], "relax.anneal"),
+    (["relax.diverge_distance=-5"], "relax.diverge_distance"),
+    (["relax.max_frames=abc"], "relax.max_frames"),
+    (["relax.grad_mode=truncated", "relax.window=-3"], "relax.window"),
+    (["relax.grad_mode=implicit", "relax.adjoint_iters=0"], "relax.adjoint_iters"),
+    (["eval.step_grid=[0.01,-0.05]"], "eval.step_grid"),
+    (["eval.step_grid=[0.01,0]"], "eval.step_grid"),
+    (["eval.step_grid=[0.01,nan]"], "eval.step_grid"),
+    (["eval.step_grid=[]"], "eval.step_grid"),
+    (["eval.batch_size=0"], "eval.batch_size"),
+    (["eval.basin_dq=0"], "eval.basin_dq"),
+    (["pretrain.max_epochs=-1"], "pretrain.max_epochs"),
+    (["pretrain.batch_size=0"], "pretrain.batch_size"),
+    (["pretrain.learning_rate=-0.01"], "pretrain.learning_rate"),
+    (["pretrain.learning_rate=0"], "pretrain.learning_rate"),
+    (["pretrain.frame_stride=0"], "pretrain.frame_stride"),
+    (["pretrain.val_fraction=1.0"], "pretrain.val_fraction"),
+    (["finetune.epochs=-2"], "finetune.epochs"),
+    (["finetune.batch_size=-8"], "finetune.batch_size"),
+    (["finetune.learning_rate=-1"], "finetune.learning_rate"),
+    (["finetune.learning_rate=inf"], "finetune.learning_rate"),
+    (["finetune.step_learning_rate=-0.1"], "finetune.step_learning_rate"),
+    (["finetune.clip_norm=0"], "finetune.clip_norm"),
+    (["finetune.warmup_steps=-1"], "finetune.warmup_steps"),
+    (["model.name=transformer"], "model.name"),
+    (["model.preset=huge"], "model.preset"),
+    (["model=resmlp", "+model.overrides.max_atoms=0"], "model.overrides.max_atoms"),
+    (["+model.overrides.no_such_field=1"], "model.overrides"),
+]
+
+
+@pytest.mark.parametrize("overrides,key", BAD, ids=[" ".join(o) for o, _ in BAD])
+def test_invalid_settings_are_refused_naming_the_key(overrides, key):
+    with pytest.raises(ValueError) as info:
+        config_from_hydra(_compose(overrides), "/tmp/x").validate()
+    msg = str(info.value)
+    assert "\n" not in msg and key in msg, msg
+
+
+def test_buckets_key_reaches_the_data_config():
+    assert config_from_hydra(_compose(), "/tmp/x").data.buckets == DataConfig().buckets  # null: the default sizes
+    assert config_from_hydra(_compose(["dataset.buckets=[64,8,16]"]), "/tmp/x").data.buckets == (8, 16, 64)
+
+
+def test_a_config_error_is_one_log_line_and_exit_2_before_any_data(tmp_path):
+    """The CLI: `relax.step_size=-1` (issue 18: it used to run to the end without a word)."""
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path / "data"
+    r = subprocess.run([sys.executable, "-m", "bptt_jax.train", "relax.step_size=-1", f"dataset.cache_dir={cache}",
+                        f"hydra.run.dir={tmp_path / 'run'}", "progress=false"],
+                       capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [line for line in (r.stdout + r.stderr).splitlines() if "relax.step_size" in line]
+    assert len(errors) == 1 and "-1" in errors[0] and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert not cache.exists()  # refused before the data set was generated
+    assert not (tmp_path / "run" / "run_config.json").exists()

@@ -47,6 +47,8 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
 from ase.data import atomic_numbers, reference_states
 
+from bptt_jax.files import atomic_path, write_text_atomic
+
 MANIFEST = "manifest.json"
 
 # ---------------------------------------------------------------------------------------------------
@@ -422,11 +424,10 @@ def generate_one(name: str, params, seed: int, index: int, out_dir: str, oracle:
                                                                  for k, v in info.items()}})
         f.new_array("fixed", fixed.copy())
     path = Path(out_dir) / f"{traj_id}.extxyz"
-    tmp = path.with_suffix(".extxyz.tmp")
     from ase.io import write
 
-    write(tmp, frames, format="extxyz")
-    os.replace(tmp, path)  # atomic: a file that exists is complete
+    with atomic_path(path) as tmp:  # a file that exists is complete
+        write(tmp, frames, format="extxyz")
     fmax = float(np.max(np.linalg.norm(frames[-1].get_forces()[~fixed], axis=1))) if (~fixed).any() else 0.0
     return {"file": path.name, "frames": len(frames), "atoms": len(atoms), "converged": fmax <= params.fmax,
             **info}
@@ -465,7 +466,11 @@ def generate(name: str, out_dir: str | os.PathLike, *, preset: str = "default", 
     identity = {k: v for k, v in _params_dict(params).items() if k != "n"}
     wanted = {"generator": name, "params": identity, "seed": int(seed), "oracle": oracle or "default"}
     if manifest_path.exists():
-        old = json.loads(manifest_path.read_text())
+        try:
+            old = json.loads(manifest_path.read_text())
+        except ValueError as err:
+            reason = str(err).splitlines()[0]
+            raise ValueError(f"{manifest_path}: unreadable ({reason}); remove it or the directory") from None
         same = all(old.get(k) == v for k, v in wanted.items())
         if same:
             previous = {r["file"]: r for r in old.get("trajectories", [])}
@@ -481,7 +486,7 @@ def generate(name: str, out_dir: str | os.PathLike, *, preset: str = "default", 
             for stale in out.glob(f"{name}_*.extxyz"):
                 stale.unlink()
     manifest = {**wanted, "n": params.n, "complete": False, "versions": _versions(), "trajectories": []}
-    manifest_path.write_text(json.dumps(manifest, indent=1))
+    write_text_atomic(manifest_path, json.dumps(manifest, indent=1))
 
     records: dict[int, dict] = {}
     todo = []
@@ -531,5 +536,5 @@ def generate(name: str, out_dir: str | os.PathLike, *, preset: str = "default", 
         "wall_s": round(time.time() - t0, 2),
         "trajectories": trajs,
     })
-    manifest_path.write_text(json.dumps(manifest, indent=1))
+    write_text_atomic(manifest_path, json.dumps(manifest, indent=1))
     return manifest

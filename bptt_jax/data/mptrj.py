@@ -19,13 +19,15 @@ value at a time (in C with the yajl2_c backend; about 25 MB/s, so the full file 
 truncated or malformed file stops the reading of that file with an error naming the mp-id and frame
 that were being read and the last complete mp-id; every trajectory complete in the file before that
 point has been returned. Bare ``NaN`` / ``Infinity`` tokens (Python's ``json.dump`` writes them; strict
-JSON does not allow them) are read as non-finite numbers, so they cost only their own trajectory.
+JSON does not allow them) are read as non-finite numbers, and numbers outside yajl's int64 / double range as
+floats (``1e400``: inf), so they cost only their own trajectory.
 """
 
 from __future__ import annotations
 
 import gzip
 import json
+import math
 import re
 from pathlib import Path
 from typing import Iterator, Optional
@@ -44,7 +46,32 @@ _TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"|[{}\[\]]')
 # token would end the reading of the whole file. Outside strings they become the strings "NaN", ...,
 # which float() and numpy turn back into nan/inf, so only that frame fails the finiteness checks.
 _NON_STANDARD = re.compile(rb'(?<![A-Za-z0-9_"])-?(?:Infinity|NaN)(?![A-Za-z0-9_"])')
-_TRAILING_WORD = re.compile(rb'[-A-Za-z0-9_"]{1,10}$')
+_TRAILING_WORD = re.compile(rb'(?:[,:\[]\s*)?[-+.A-Za-z0-9_"]{0,64}$')
+# yajl also stops at a number outside int64 / double ("integer overflow", "numeric (floating point) overflow").
+# Then read_mptrj reads the file again with every such number that follows a JSON delimiter made a string too
+# (float() reads it: a huge int as its float, 1e400 as inf, which costs its trajectory only). A read never ends
+# inside a number of up to 64 characters, nor between it and the delimiter before it (_TRAILING_WORD holds both
+# back for the next read). _may_hold_big_number is the cheap test run on every read of that second pass.
+_NUMBER = re.compile(rb"([,:\[]\s*)(-?(?:\d{19,}(?:\.\d*)?(?:[eE][-+]?\d+)?|\d+(?:\.\d*)?[eE][+]?\d{3,}))"
+                     rb"(?=\s*(?:[,\]}]|\Z))")
+# Digits -> "0", "." -> ".", e/E -> "e", "+" dropped, every other byte -> " " (bytes.translate runs in C).
+_SHAPE = bytes(48 if 48 <= b <= 57 else b if b == 46 else 101 if b in b"eE" else 32 for b in range(256))
+_EXPONENT = re.compile(rb"e000")  # a regex: its scan for "e" is much faster than `in` on zero-heavy text
+
+
+def _may_hold_big_number(data: bytes) -> bool:
+    """Whether ``data`` may hold a number outside yajl's range: an integer part of 19+ digits (not digits after a
+    decimal point) or an exponent of 3+ digits (a regex on the text itself is 30x slower on digit-heavy text)."""
+    shape = data.translate(_SHAPE, b"+")
+    return b" " + b"0" * 19 in shape or _EXPONENT.search(shape) is not None
+
+
+def _quote_out_of_range(match: re.Match) -> bytes:
+    token = match.group(2)
+    integer_part = re.split(rb"[.eE]", token.lstrip(b"-"), maxsplit=1)[0]
+    if len(integer_part) < 19 and math.isfinite(float(token)):
+        return match.group(0)  # in range: yajl reads it
+    return match.group(1) + b'"' + token + b'"'
 
 
 def _ijson():
@@ -70,8 +97,8 @@ class _RecordingReader:
     memory by about two records' raw text.
     """
 
-    def __init__(self, raw):
-        self.raw = raw
+    def __init__(self, raw, big_numbers: bool = False):
+        self.raw, self.big_numbers = raw, big_numbers
         self.chunks: list[bytes] = []
         self.mark = 0
         self._held = b""
@@ -83,16 +110,19 @@ class _RecordingReader:
             buf += more
             if not more:  # end of file: hand out everything
                 break
-            # A word at the end of the chunk may be a NaN / Infinity cut in two, or the start of a string
-            # holding such a word: finish it with the next chunk.
-            tail = _TRAILING_WORD.search(buf, max(len(buf) - 10, 0))
-            if tail is None:
+            # A word at the end of the chunk may be a NaN / Infinity or a number cut in two (with the delimiter
+            # before it, which _NUMBER needs), or the start of a string holding such a word: finish it with the
+            # next chunk.
+            tail = _TRAILING_WORD.search(buf, max(len(buf) - 80, 0))
+            if tail is None or tail.start() == len(buf):
                 break
             if tail.start() > 0:
                 buf, self._held = buf[: tail.start()], buf[tail.start():]
                 break
         # The substring tests run in C; the regex only when a candidate is present (rarely).
         data = _NON_STANDARD.sub(rb'"\g<0>"', buf) if b"NaN" in buf or b"Infinity" in buf else buf
+        if self.big_numbers and _may_hold_big_number(data):
+            data = _NUMBER.sub(_quote_out_of_range, data)
         if data:
             self.chunks.append(data)
         return data
@@ -202,7 +232,7 @@ def _frame(path: Path, record: str, frame_id: str, d) -> Frame:
         raise
     except KeyError as exc:
         raise data_error(path, record, f"missing field {exc}", "malformed") from None
-    except (TypeError, ValueError, AttributeError) as exc:
+    except (TypeError, ValueError, AttributeError, IndexError, OverflowError) as exc:
         raise data_error(path, record, f"malformed frame ({type(exc).__name__}: {exc})", "malformed") from None
     return Frame(positions, np.asarray(numbers, np.int32), cell, pbc, energy, forces, label=frame_id)
 
@@ -228,6 +258,68 @@ def _trajectories(path: Path, mp_id: str, frames) -> Iterator[Trajectory | DataE
             yield assemble(path, record, parsed, traj_id=record)
         except DataError as err:
             yield err
+        except Exception as exc:  # noqa: BLE001 (a damaged record costs that record, not the rest of the file)
+            yield data_error(path, record, f"malformed record ({type(exc).__name__}: {exc})", "malformed")
+
+
+class _Pass:
+    """How far one parse of the file got: records handed out, the last mp-id, and how it ended."""
+
+    def __init__(self):
+        self.n_records, self.last = 0, None
+        self.failure: Optional[DataError] = None
+        self.out_of_range = False  # yajl stopped at a number outside int64 / double
+
+
+def _parse(path: Path, ijson, state: _Pass, big_numbers: bool, skip: int) -> Iterator[Trajectory | DataError]:
+    """One pass over the file, yielding the trajectories of the records after the first ``skip``."""
+    with _open(path) as raw:
+        reader = _RecordingReader(raw, big_numbers)
+        try:
+            if not raw.read(1):
+                raise data_error(path, None, "empty file", "empty")
+            raw.seek(0)
+            records = ijson.kvitems(reader, "", use_float=True, buf_size=BUF_SIZE)
+            while True:
+                try:
+                    mp_id, frames = next(records)
+                except StopIteration:
+                    break
+                reader.record_done()
+                state.n_records += 1
+                state.last = mp_id
+                if state.n_records > skip:
+                    yield from _trajectories(path, mp_id, frames)
+        except ijson.JSONError as exc:
+            if not big_numbers and "overflow" in str(exc):
+                state.out_of_range = True
+                return
+            truncated = "premature EOF" in str(exc)
+            complete, mp_id, frame_id = reader.scan(state.last)
+            # Records the parser finished but had not handed out yet are complete in the file: keep them.
+            for key, value in complete:
+                try:
+                    frames = json.loads(value)
+                except ValueError:
+                    break
+                state.n_records += 1
+                state.last = key
+                if state.n_records > skip:
+                    yield from _trajectories(path, key, frames)
+            what = ("truncated JSON (premature end of file)" if truncated
+                    else f"invalid JSON ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+            last = state.last
+            if mp_id is not None:
+                where = f"while reading mp_id {mp_id!r}" + (f", frame {frame_id!r}" if frame_id else "")
+                record = f"{mp_id}/{frame_id}" if frame_id else mp_id
+            else:
+                where = "after the last complete record" if last is not None else "before the first record"
+                record = None
+            where += f"; last complete mp_id {last!r}" if last is not None else "; no complete mp_id"
+            state.failure = data_error(path, record, f"{what} {where}", "truncated" if truncated else "malformed")
+        except (EOFError, gzip.BadGzipFile) as exc:
+            state.failure = data_error(path, None, f"corrupt compressed file after mp_id {state.last!r} ({exc})",
+                                       "truncated")
 
 
 def read_mptrj(path: Path) -> Iterator[Trajectory | DataError]:
@@ -243,50 +335,14 @@ def read_mptrj(path: Path) -> Iterator[Trajectory | DataError]:
     """
     ijson = _ijson()
     path = Path(path)
-    last: Optional[str] = None
-    n_records = 0
-    failure: Optional[DataError] = None
-    with _open(path) as raw:
-        reader = _RecordingReader(raw)
-        try:
-            if not raw.read(1):
-                raise data_error(path, None, "empty file", "empty")
-            raw.seek(0)
-            records = ijson.kvitems(reader, "", use_float=True, buf_size=BUF_SIZE)
-            while True:
-                try:
-                    mp_id, frames = next(records)
-                except StopIteration:
-                    break
-                reader.record_done()
-                n_records += 1
-                last = mp_id
-                yield from _trajectories(path, mp_id, frames)
-        except ijson.JSONError as exc:
-            truncated = "premature EOF" in str(exc)
-            complete, mp_id, frame_id = reader.scan(last)
-            # Records the parser finished but had not handed out yet are complete in the file: keep them.
-            for key, value in complete:
-                try:
-                    frames = json.loads(value)
-                except ValueError:
-                    break
-                n_records += 1
-                last = key
-                yield from _trajectories(path, key, frames)
-            what = ("truncated JSON (premature end of file)" if truncated
-                    else f"invalid JSON ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
-            if mp_id is not None:
-                where = f"while reading mp_id {mp_id!r}" + (f", frame {frame_id!r}" if frame_id else "")
-                record = f"{mp_id}/{frame_id}" if frame_id else mp_id
-            else:
-                where = "after the last complete record" if last is not None else "before the first record"
-                record = None
-            where += f"; last complete mp_id {last!r}" if last is not None else "; no complete mp_id"
-            failure = data_error(path, record, f"{what} {where}", "truncated" if truncated else "malformed")
-        except (EOFError, gzip.BadGzipFile) as exc:
-            failure = data_error(path, None, f"corrupt compressed file after mp_id {last!r} ({exc})", "truncated")
-    if failure is not None:
-        raise failure
-    if n_records == 0:
+    state = _Pass()
+    yield from _parse(path, ijson, state, big_numbers=False, skip=0)
+    if state.out_of_range:
+        # Read again with such numbers as strings, from the record after those handed out: the rewrite costs
+        # about a quarter of the parse's time, so only a file that needs it pays for it.
+        done, state = state.n_records, _Pass()
+        yield from _parse(path, ijson, state, big_numbers=True, skip=done)
+    if state.failure is not None:
+        raise state.failure
+    if state.n_records == 0:
         raise data_error(path, None, "no MPtrj records (expected {mp_id: {frame_id: frame}})", "empty")

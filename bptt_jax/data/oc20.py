@@ -27,6 +27,12 @@ Security: a pickle can run any callable it names, so records go through :class:`
   numpy's array and scalar reconstruction (``numpy.core.multiarray._reconstruct`` / ``scalar``,
   ``numpy.ndarray``, ``numpy.dtype``; ``numpy._core`` too).
 
+Damaged files: liblmdb trusts the page numbers and sizes it finds in the file, so a truncated or damaged LMDB
+would crash the process (SIGBUS) rather than raise. :func:`check_lmdb_file` walks the page tree with
+bounds-checked reads first: a broken tree is a one-line error for the file, a value that runs past the end of the
+file one for its record (the others are read). Any other failure of a record (unpickling, missing or malformed
+fields) costs that record only.
+
 If a storage uses a layout the numpy decoder does not know (e.g. the pre-2018 tar layout), the record is
 decoded again with torch, still through the same allow-list, with the storage bytes loaded by
 ``torch.load(..., weights_only=True)``; without torch this is a one-line error asking for the ``lmdb``
@@ -37,7 +43,9 @@ from __future__ import annotations
 
 import functools
 import io
+import mmap
 import pickle
+import struct
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -454,6 +462,8 @@ def record_trajectory(source: object, record: str, obj) -> Trajectory:
 
     try:
         z = array("atomic_numbers").astype(np.float64).reshape(-1)
+        if not np.all(np.isfinite(z) & (np.abs(z) < 1000)):
+            raise data_error(source, record, "atomic numbers are not all finite and below 1000", "malformed")
         numbers = np.rint(z).astype(np.int32)
         if not np.allclose(z, numbers):
             raise data_error(source, record, "atomic numbers are not integers", "malformed")
@@ -469,24 +479,156 @@ def record_trajectory(source: object, record: str, obj) -> Trajectory:
                 raise data_error(source, record, f"{what} has {int(value)} atoms, atomic_numbers {n}", "malformed")
         tags = array("tags", False)
         fixed = array("fixed", False)
+        for name, values in (("tags", tags), ("fixed", fixed)):
+            if values is not None and not np.all(np.isfinite(values.astype(np.float64))):
+                raise data_error(source, record, f"non-finite {name}", "malformed")
         tags = None if tags is None else tags.reshape(n).astype(np.int32)
         fixed = None if fixed is None else fixed.reshape(n).astype(bool)
+        y_init, y_relaxed = _scalar(attrs.get("y_init")), _scalar(attrs.get("y_relaxed"))
+        sid = attrs.get("sid")
+        sid = None if sid is None else np.asarray(sid).reshape(-1)
     except DataError:
         raise
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError) as exc:
         raise data_error(source, record, f"malformed record ({type(exc).__name__}: {exc})", "malformed") from None
-    y_init, y_relaxed = _scalar(attrs.get("y_init")), _scalar(attrs.get("y_relaxed"))
     if y_init is None or y_relaxed is None:
         y_init = y_relaxed = None  # energies for both frames or none
-    sid = attrs.get("sid")
-    if sid is not None:
-        sid_arr = np.asarray(sid).reshape(-1)
-        sid = sid_arr[0].item() if sid_arr.size == 1 else sid
-    traj_id = str(sid) if sid is not None else f"{Path(str(source)).name}:{record}"
+    # A scalar sid names the trajectory; anything else (an array, a damaged value) is no id.
+    traj_id = str(sid[0].item()) if sid is not None and sid.size == 1 else f"{Path(str(source)).name}:{record}"
     pbc = np.ones(3, bool)
     frames = [Frame(pos, numbers, cell.reshape(3, 3), pbc, y_init, None, fixed, tags, label="initial"),
               Frame(relaxed, numbers, cell.reshape(3, 3), pbc, y_relaxed, None, fixed, tags, label="relaxed")]
     return assemble(source, record, frames, traj_id=traj_id, endpoints_only=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# The LMDB file's structure, checked before liblmdb maps it
+# --------------------------------------------------------------------------------------------------
+
+# liblmdb (0.9, 64-bit layout) maps the file and follows its page numbers and value sizes without checking them
+# against the file's length: a truncated file (an interrupted download) or a damaged page makes it read past the
+# end of the mapping, and the process dies of SIGBUS or SIGSEGV instead of raising. check_lmdb_file walks the
+# main B-tree with bounds-checked reads first, so that liblmdb is only ever asked to read inside the file.
+_PAGE_HEADER, _NODE_HEADER = 16, 8  # MDB_page and MDB_node headers (bytes)
+_P_BRANCH, _P_LEAF, _P_OVERFLOW, _P_META = 0x01, 0x02, 0x04, 0x08
+_F_BIGDATA = 0x01  # a leaf node whose value lives in overflow pages
+_META_MAGIC, _NO_ROOT = 0xBEEFC0DE, (1 << 64) - 1
+_ORDER_FLAGS = 0x02  # MDB_REVERSEKEY; other database flags (dupsort, integer keys) do not occur in OC20 files
+
+
+class _Corrupt(Exception):
+    pass
+
+
+def _meta(mm, offset: int) -> tuple[int, int, int, int, int, int]:
+    """(page size, main DB flags, depth, root page, last page, txn id) of the meta page at ``offset``."""
+    try:
+        _, _, page_flags = struct.unpack_from("<QHH", mm, offset)
+        magic, version = struct.unpack_from("<II", mm, offset + _PAGE_HEADER)
+        psize = struct.unpack_from("<I", mm, offset + 40)[0]  # the free DB's md_pad holds the page size
+        _, db_flags, depth, _, _, _, _, root = struct.unpack_from("<IHHQQQQQ", mm, offset + 88)
+        last_page, txnid = struct.unpack_from("<QQ", mm, offset + 136)
+    except struct.error:
+        raise _Corrupt("truncated header") from None
+    if not page_flags & _P_META or magic != _META_MAGIC or version != 1:
+        raise _Corrupt("not an LMDB file (no valid meta page)")
+    return psize, db_flags, depth, root, last_page, txnid
+
+
+def check_lmdb_file(path: Path) -> dict[bytes, str]:
+    """Check that liblmdb can read the main database of ``path`` without leaving the file.
+
+    Returns:
+      {key: reason} of the records whose value lies (partly) outside the file; their values must not be read.
+
+    Raises:
+      DataError: the file is not an LMDB, is truncated, or its tree pages are damaged (``malformed``).
+    """
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            if size < 2 * 512:
+                raise _Corrupt(f"{size} bytes, too short for an LMDB header")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                return _check_tree(mm, size)
+    except (_Corrupt, struct.error) as exc:
+        raise data_error(path, None, f"damaged LMDB file: {exc}", "malformed") from None
+
+
+def _check_tree(mm, size: int) -> dict[bytes, str]:
+    psize = _meta(mm, 0)[0]
+    if not 512 <= psize <= 1 << 16 or psize & (psize - 1):
+        raise _Corrupt(f"page size {psize}")
+    if size < 2 * psize:
+        raise _Corrupt(f"{size} bytes, shorter than its two meta pages")
+    first, second = _meta(mm, 0), _meta(mm, psize)
+    _, db_flags, depth, root, last_page, _ = second if first[5] < second[5] else first  # liblmdb's choice
+    n_pages = last_page + 1
+    if n_pages * psize > size:
+        raise _Corrupt(f"truncated: its header counts {n_pages} pages of {psize} bytes ({n_pages * psize} bytes), "
+                       f"the file has {size}")
+    if db_flags & ~_ORDER_FLAGS:
+        raise _Corrupt(f"unsupported database flags {db_flags:#x}")
+    if root == _NO_ROOT:
+        return {}
+    bad: dict[bytes, str] = {}
+    seen: set[int] = set()
+    level = [root]
+    for height in range(depth, 0, -1):  # from the root's level down to the leaves (height 1)
+        below = []
+        for pgno in level:
+            if not 2 <= pgno < n_pages or pgno in seen:
+                raise _Corrupt(f"page number {pgno} out of range or repeated")
+            seen.add(pgno)
+            for key, lo, hi, flags, data_at in _nodes(mm, pgno, psize, leaf=height == 1):
+                if height > 1:
+                    below.append(lo | hi << 16 | flags << 32)  # a branch node's child page
+                    continue
+                reason = _value_outside(mm, lo | hi << 16, flags, data_at, pgno, psize, n_pages)
+                if reason:
+                    bad[key] = reason
+        level = below
+    if level:
+        raise _Corrupt("the tree is deeper than its header says")
+    return bad
+
+
+def _nodes(mm, pgno: int, psize: int, leaf: bool):
+    """(key, lo, hi, flags, value offset) of every node of page ``pgno``, every offset checked."""
+    base = pgno * psize
+    header_pgno, _, flags, lower, upper = struct.unpack_from("<QHHHH", mm, base)
+    want = _P_LEAF if leaf else _P_BRANCH
+    if header_pgno != pgno or flags & (_P_BRANCH | _P_LEAF | _P_OVERFLOW | _P_META) != want:
+        raise _Corrupt(f"page {pgno} is not the {'leaf' if leaf else 'branch'} page the tree points to")
+    if not _PAGE_HEADER <= lower <= upper <= psize:
+        raise _Corrupt(f"page {pgno} has a bad free-space range")
+    n_keys = (lower - _PAGE_HEADER) // 2
+    if n_keys < (1 if leaf else 2):
+        raise _Corrupt(f"page {pgno} holds {n_keys} node(s)")
+    for offset in struct.unpack_from(f"<{n_keys}H", mm, base + _PAGE_HEADER):
+        if not lower <= offset <= psize - _NODE_HEADER:
+            raise _Corrupt(f"page {pgno} has a node outside the page")
+        lo, hi, node_flags, ksize = struct.unpack_from("<HHHH", mm, base + offset)
+        key_at = offset + _NODE_HEADER
+        if key_at + ksize > psize:
+            raise _Corrupt(f"page {pgno} has a key outside the page")
+        yield bytes(mm[base + key_at:base + key_at + ksize]), lo, hi, node_flags, base + key_at + ksize
+
+
+def _value_outside(mm, nbytes: int, flags: int, data_at: int, pgno: int, psize: int, n_pages: int) -> Optional[str]:
+    """Why a leaf value is not wholly inside the file (None: it is)."""
+    page_end = (pgno + 1) * psize
+    if not flags & _F_BIGDATA:
+        return None if data_at + nbytes <= page_end else "its value runs past its page"
+    if data_at + 8 > page_end:
+        return "its overflow page number runs past its page"
+    first = struct.unpack_from("<Q", mm, data_at)[0]
+    if not 2 <= first < n_pages:
+        return f"its value's overflow page {first} is outside the file"
+    _, _, page_flags, n_overflow = struct.unpack_from("<QHHI", mm, first * psize)
+    if not page_flags & _P_OVERFLOW or first + n_overflow > n_pages or _PAGE_HEADER + nbytes > n_overflow * psize:
+        return f"its value ({nbytes} bytes from page {first}) does not fit the file"
+    return None
 
 
 def _lmdb():
@@ -514,12 +656,15 @@ def read_oc20_lmdb(path: Path, decoder: str = "auto") -> Iterator[Trajectory | D
     path = Path(path)
     if path.is_file() and path.stat().st_size == 0:
         raise data_error(path, None, "empty file", "empty")
+    unreadable = check_lmdb_file(path)
     try:
         env = lmdb.open(str(path), subdir=False, readonly=True, lock=False, readahead=False, meminit=False)
     except lmdb.Error as exc:
         raise data_error(path, None, f"cannot open as an LMDB ({exc})", "malformed") from None
     try:
         with env.begin() as txn:
+            if b"length" in unreadable:
+                raise data_error(path, "length", unreadable[b"length"], "malformed")
             raw_length = txn.get(b"length")
             if raw_length is not None:
                 length = unpickle_record(raw_length, path, "length", "numpy")
@@ -532,6 +677,9 @@ def read_oc20_lmdb(path: Path, decoder: str = "auto") -> Iterator[Trajectory | D
                 raise data_error(path, None, "no records", "empty")
             for key in keys:
                 record = key.decode()
+                if key in unreadable:
+                    yield data_error(path, record, unreadable[key], "malformed")
+                    continue
                 value = txn.get(key)
                 if value is None:
                     yield data_error(path, record, "record missing (the 'length' key counts it)", "malformed")
@@ -540,6 +688,11 @@ def read_oc20_lmdb(path: Path, decoder: str = "auto") -> Iterator[Trajectory | D
                     traj = record_trajectory(path, record, unpickle_record(value, path, record, decoder))
                 except DataError as err:
                     yield err
+                    continue
+                except MissingDependency:
+                    raise
+                except Exception as exc:  # whatever else a damaged record holds costs that record only
+                    yield data_error(path, record, f"malformed record ({type(exc).__name__}: {exc})", "malformed")
                     continue
                 yield traj
     finally:

@@ -168,7 +168,7 @@ def assemble(source: object, record: object, frames: Sequence[Frame], traj_id: s
         )
     except DataError as err:
         raise data_error(source, record, err.reason, _kind_of_trajectory_error(err.reason)) from None
-    except (ValueError, TypeError) as err:  # ragged or non-numeric arrays
+    except (ValueError, TypeError, OverflowError) as err:  # ragged or non-numeric arrays
         raise data_error(source, record, f"{type(err).__name__}: {err}", "malformed") from None
 
 
@@ -236,6 +236,10 @@ def _iread_frames(path: Path, ase_format: Optional[str] = None) -> Iterator[Fram
     _check_not_empty(path)
     count = 0
     try:
+        if _strip_compression(path.name).lower().endswith((".xyz", ".extxyz")):
+            _check_xyz_atom_counts(path)
+        elif "OUTCAR" in path.name:
+            _check_outcar_ion_count(path)
         for atoms in ase.io.iread(str(path), index=":", format=ase_format):
             yield frame_from_atoms(atoms, f"frame {count}")
             count += 1
@@ -243,6 +247,54 @@ def _iread_frames(path: Path, ase_format: Optional[str] = None) -> Iterator[Fram
         raise
     except Exception as exc:  # ASE raises many types (XYZError, KeyError, ValueError, IndexError, ...)
         raise _ase_failure(path, f"frame {count}", exc) from None
+
+
+def _check_xyz_atom_counts(path: Path) -> None:
+    """Check each frame's atom count against the lines that follow it.
+
+    ASE's extxyz reader skips a frame's atom lines by the count in its header without looking for the end of the
+    file, so a damaged count (say 10^20) keeps it reading empty lines at the end of the file for ever. This pass
+    stops where ASE's own index pass would, and reports a count the file cannot hold.
+    """
+    from ase.io.formats import open_with_compression
+
+    with open_with_compression(str(path), "r") as f:
+        frame = 0
+        while True:
+            line = f.readline()
+            while line.lstrip().startswith("VEC"):  # lattice vectors after a frame (ASE skips them too)
+                line = f.readline()
+            if not line.strip():
+                return
+            try:
+                n_atoms = int(line)
+            except ValueError:
+                return  # ASE says what is wrong
+            f.readline()  # the comment line
+            for i in range(n_atoms):
+                if not f.readline():
+                    raise data_error(path, f"frame {frame}", f"its header says {n_atoms} atoms, only {i} lines "
+                                                            f"follow", "malformed")
+            frame += 1
+
+
+def _check_outcar_ion_count(path: Path) -> None:
+    """ASE builds an OUTCAR's symbol list from its header's "ions per type" before reading any position, so a
+    damaged count (say 10^9) would take gigabytes first. Each ion takes a position line of some 80 bytes per
+    ionic step: a count the file's size cannot hold is refused."""
+    from ase.io.formats import open_with_compression
+
+    size = path.stat().st_size * (20 if path.name.endswith(_COMPRESSED) else 1)  # generous for compressed files
+    with open_with_compression(str(path), "r") as f:
+        for line in f:
+            if "Iteration" in line:  # the end of the header
+                return
+            if "ions per type" in line:
+                counts = [int(x) for x in line.split("=", 1)[-1].split() if x.lstrip("-").isdigit()]
+                if sum(counts) * 40 > size:
+                    raise data_error(path, None, f"'ions per type' counts {sum(counts)} ions, more than a file of "
+                                                 f"{path.stat().st_size} bytes holds", "malformed")
+                return
 
 
 def read_ase(path: Path) -> Iterator[Trajectory]:
@@ -371,6 +423,29 @@ def _db_step(value) -> Optional[int]:
     return int(match.group(1)) if match else None
 
 
+def _db_index(db, path: Path) -> list[tuple[int, dict | DataError]]:
+    """(row id, key-value pairs) of every row, reading neither structures nor data (memory holds an index); a row
+    whose pairs cannot be decoded comes with a :class:`DataError` in their place."""
+    try:
+        index = [(row.id, row.key_value_pairs) for row in db.select(include_data=False,
+                                                                   columns=["id", "key_value_pairs"])]
+        if all(isinstance(kvp, dict) for _, kvp in index):
+            return index
+    except Exception:  # noqa: BLE001 (a damaged row ends the select: go row by row to find it)
+        pass
+    index = []
+    for (row_id,) in [(row.id,) for row in db.select(columns=["id"])]:
+        try:
+            (row,) = db.select(id=row_id, include_data=False, columns=["id", "key_value_pairs"])
+            if not isinstance(row.key_value_pairs, dict):
+                raise TypeError(f"a {type(row.key_value_pairs).__name__}, not a mapping")
+            index.append((row_id, row.key_value_pairs))
+        except Exception as exc:  # noqa: BLE001
+            index.append((row_id, data_error(path, f"row {row_id}", f"unreadable key-value pairs "
+                                                                   f"({type(exc).__name__}: {exc})", "malformed")))
+    return index
+
+
 def read_asedb(path: Path) -> Iterator[Trajectory | DataError]:
     """Trajectories from an ASE database (grouping convention in the module docstring)."""
     import ase.db
@@ -379,18 +454,21 @@ def read_asedb(path: Path) -> Iterator[Trajectory | DataError]:
     _check_not_empty(path)
     try:
         db = ase.db.connect(str(path), create_indices=False) if path.suffix == ".db" else ase.db.connect(str(path))
-        # Pass 1: only ids and key-value pairs, so memory holds an index, not the structures.
-        groups: dict[str, tuple[str, list[tuple[int, dict]]]] = {}
-        for row in db.select(include_data=False, columns=["id", "key_value_pairs"]):
-            label, tid = _db_group(row.key_value_pairs, row.id)
-            groups.setdefault(label, (tid, []))[1].append((row.id, row.key_value_pairs))
+        index = _db_index(db, path)
     except DataError:
         raise
     except Exception as exc:
         raise data_error(path, None, f"cannot open as an ASE database ({type(exc).__name__}: {exc})",
                          "malformed") from None
-    if not groups:
+    if not index:
         raise data_error(path, None, "no rows", "empty")
+    groups: dict[str, tuple[str, list[tuple[int, dict]]]] = {}
+    for row_id, kvp in index:
+        if isinstance(kvp, DataError):
+            yield kvp  # a row whose key-value pairs are damaged: it cannot be grouped, so it is its own record
+            continue
+        label, tid = _db_group(kvp, row_id)
+        groups.setdefault(label, (tid, []))[1].append((row_id, kvp))
     for label, (tid, rows) in groups.items():
         step_key = next((k for k in _DB_STEP_KEYS if all(k in kvp for _, kvp in rows)), None)
         steps = [(_db_step(kvp[step_key]) if step_key else None) for _, kvp in rows]
@@ -403,10 +481,9 @@ def read_asedb(path: Path) -> Iterator[Trajectory | DataError]:
             for j in order:
                 row_id = rows[j][0]
                 try:
-                    atoms = db.get(id=row_id).toatoms()
-                except Exception as exc:
+                    frames.append(frame_from_atoms(db.get(id=row_id).toatoms(), f"row {row_id}"))
+                except Exception as exc:  # a damaged row: its trajectory is skipped, the others are read
                     raise _ase_failure(path, f"{label} (row {row_id})", exc) from None
-                frames.append(frame_from_atoms(atoms, f"row {row_id}"))
             yield assemble(path, label, frames, traj_id=tid)
         except DataError as err:
             yield err

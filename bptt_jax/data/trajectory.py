@@ -93,10 +93,22 @@ class Trajectory:
         self.masses = atomic_masses[self.numbers] if self.masses is None else np.asarray(self.masses, np.float64)
         self.fixed = np.zeros(n, bool) if self.fixed is None else np.asarray(self.fixed, bool).reshape(n)
         self.tags = np.zeros(n, np.int32) if self.tags is None else np.asarray(self.tags, np.int32).reshape(n)
-        if not np.all(np.isfinite(self.positions)):
-            raise DataError(where, None, "non-finite coordinates")
-        if self.forces is not None and not np.all(np.isfinite(self.forces)):
-            raise DataError(where, None, "non-finite forces")
+        for name, values in (("coordinates", self.positions), ("cell", self.cell), ("forces", self.forces),
+                             ("energy", self.energy)):
+            if values is not None and not np.all(np.isfinite(values)):
+                bad = int(np.argwhere(~np.isfinite(values.reshape(t, -1)))[0, 0])
+                raise DataError(where, None, f"non-finite {name} at frame {bad}")
+        if self.masses.shape != (n,) or not np.all(np.isfinite(self.masses) & (self.masses > 0)):
+            raise DataError(where, None, f"masses must be {n} positive numbers (amu)")
+        if self.pbc.any():
+            from bptt_jax.structures import complete_cell
+
+            for i in range(t):
+                try:
+                    complete_cell(self.cell[i], self.pbc)
+                except (ValueError, np.linalg.LinAlgError):
+                    raise DataError(where, None, f"degenerate periodic cell at frame {i}: "
+                                                 f"{np.round(self.cell[i], 6).tolist()}") from None
 
     @property
     def n_frames(self) -> int:

@@ -12,6 +12,7 @@ from typing import Any, Optional
 from bptt_jax import parallel
 from bptt_jax.models import build_model
 from bptt_jax.relax import RelaxConfig
+from bptt_jax.relax.config import is_count, is_number, require
 from bptt_jax.structures import DEFAULT_BUCKETS
 
 
@@ -38,8 +39,37 @@ class DataConfig:
     strict: bool = False
     n_test: int = 100
     max_train: Optional[int] = None  # cap on training trajectories (None = all)
-    buckets: tuple[int, ...] = DEFAULT_BUCKETS
+    buckets: Optional[tuple[int, ...]] = DEFAULT_BUCKETS  # None: DEFAULT_BUCKETS
     loss: str = "dq"  # dq (defects, catalysts) or mse (pure crystals): trained, reported, selected on
+
+    def __post_init__(self):
+        from bptt_jax.data.readers import FORMATS
+
+        if self.path is None:
+            from bptt_jax.data.generate import PARAMS, make_params
+
+            require(self.name in PARAMS, "dataset.name", self.name,
+                    f"a generator ({', '.join(sorted(PARAMS))}) unless dataset.path names your own files")
+            try:
+                make_params(self.name, self.preset, **dict(self.generator or {}))
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"dataset.preset / dataset.generator: {err}") from None
+        else:
+            require(isinstance(self.path, str) and self.path != "", "dataset.path", self.path, "a file or directory")
+        require(self.format is None or self.format in FORMATS, "dataset.format", self.format,
+                f"null or one of {', '.join(FORMATS)}")
+        require(self.n is None or is_count(self.n, 1), "dataset.n", self.n, "null or an integer of at least 1")
+        require(is_count(self.n_test, 1), "dataset.n_test", self.n_test, "an integer of at least 1")
+        require(self.max_train is None or is_count(self.max_train, 1), "dataset.max_train", self.max_train,
+                "null or an integer of at least 1")
+        require(is_count(self.workers, 1), "dataset.workers", self.workers, "an integer of at least 1")
+        require(self.loss in ("dq", "mse"), "dataset.loss", self.loss, "dq or mse")
+        if self.buckets is None:
+            self.buckets = DEFAULT_BUCKETS
+        require(isinstance(self.buckets, (list, tuple)) and len(self.buckets) > 0
+                and all(is_count(b, 1) for b in self.buckets), "dataset.buckets", self.buckets,
+                "a non-empty list of atom counts of at least 1 (null: the default sizes)")
+        self.buckets = tuple(sorted({int(b) for b in self.buckets}))
 
 
 @dataclasses.dataclass
@@ -49,6 +79,15 @@ class ModelConfig:
     overrides: dict = dataclasses.field(default_factory=dict)
     init_from: Optional[str] = None  # a run directory or checkpoint directory with pretrained params
     matmul_dtype: str = "float32"  # float32 | bfloat16 (matrix products in bf16, float32 parameters; accelerators)
+
+    def __post_init__(self):
+        from bptt_jax.models import MODELS, PRESETS
+
+        require(self.name in MODELS, "model.name", self.name, f"one of {', '.join(sorted(MODELS))}")
+        require(self.preset is None or self.preset in PRESETS[self.name], "model.preset", self.preset,
+                f"null or one of {', '.join(sorted(PRESETS[self.name]))} for {self.name}")
+        require(self.matmul_dtype in ("float32", "bfloat16"), "model.matmul_dtype", self.matmul_dtype,
+                "float32 or bfloat16")
 
     def build(self):
         """The Flax force model this names (:func:`bptt_jax.models.build_model`)."""
@@ -70,6 +109,23 @@ class PretrainConfig:
     def __post_init__(self):
         if self.schedule not in ("plateau", "cosine"):
             raise ValueError(f"pretrain.schedule must be plateau or cosine, not {self.schedule!r}")
+        require(is_count(self.max_epochs), "pretrain.max_epochs", self.max_epochs,
+                "an integer of at least 0 (0: no force training)")
+        require(self.patience is None or is_count(self.patience, 1), "pretrain.patience", self.patience,
+                "null or an integer of at least 1")
+        require(is_count(self.batch_size, 1), "pretrain.batch_size", self.batch_size, "an integer of at least 1")
+        require(is_number(self.learning_rate, 0.0, above=True), "pretrain.learning_rate", self.learning_rate,
+                "a positive number")
+        require(is_number(self.min_learning_rate, 0.0, high=self.learning_rate), "pretrain.min_learning_rate",
+                self.min_learning_rate, "between 0 and pretrain.learning_rate")
+        require(is_number(self.clip_norm, 0.0, above=True), "pretrain.clip_norm", self.clip_norm, "a positive number")
+        require(is_number(self.val_fraction, 0.0) and self.val_fraction < 1, "pretrain.val_fraction",
+                self.val_fraction, "in [0, 1)")
+        require(is_count(self.frame_stride, 1), "pretrain.frame_stride", self.frame_stride,
+                "an integer of at least 1")
+        require(is_number(self.min_delta, 0.0), "pretrain.min_delta", self.min_delta, "at least 0")
+        require(self.time_budget_s is None or is_number(self.time_budget_s, 0.0, above=True),
+                "pretrain.time_budget_s", self.time_budget_s, "null or a positive number of seconds")
 
     max_epochs: int = 60
     patience: Optional[int] = 6
@@ -112,6 +168,18 @@ class FinetuneConfig:
     def __post_init__(self):
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"finetune.schedule must be constant or cosine, not {self.schedule!r}")
+        require(is_count(self.epochs), "finetune.epochs", self.epochs, "an integer of at least 0")
+        require(is_count(self.batch_size, 1), "finetune.batch_size", self.batch_size, "an integer of at least 1")
+        # A negative rate is gradient ascent: refused from the CLI, kept in the library as a control (tests).
+        require(is_number(self.learning_rate), "finetune.learning_rate", self.learning_rate, "a finite number")
+        require(self.step_learning_rate is None or is_number(self.step_learning_rate), "finetune.step_learning_rate",
+                self.step_learning_rate, "null or a finite number")
+        require(self.clip_norm is None or is_number(self.clip_norm, 0.0, above=True), "finetune.clip_norm",
+                self.clip_norm, "null or a positive number")
+        require(is_number(self.prox_weight, 0.0), "finetune.prox_weight", self.prox_weight, "at least 0")
+        require(is_count(self.warmup_steps), "finetune.warmup_steps", self.warmup_steps, "an integer of at least 0")
+        require(is_number(self.final_lr_fraction, 0.0, high=1.0), "finetune.final_lr_fraction",
+                self.final_lr_fraction, "in [0, 1]")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"finetune.val_fraction must be in [0, 1), not {self.val_fraction}")
         if self.noise < 0 or not 0 < self.noise_anneal <= 1 or not 0 < self.noise_frame_anneal <= 1:
@@ -141,6 +209,14 @@ class EvalConfig:
     basin_dq: float = 3.0
     force_control: bool = False
     oracle: bool = True
+
+    def __post_init__(self):
+        require(isinstance(self.step_grid, (list, tuple)) and len(self.step_grid) > 0
+                and all(is_number(x, 0.0, above=True) for x in self.step_grid), "eval.step_grid", self.step_grid,
+                "a non-empty list of positive step sizes (Å²/eV)")
+        self.step_grid = tuple(float(x) for x in self.step_grid)
+        require(is_count(self.batch_size, 1), "eval.batch_size", self.batch_size, "an integer of at least 1")
+        require(is_number(self.basin_dq, 0.0, above=True), "eval.basin_dq", self.basin_dq, "a positive number")
 
 
 @dataclasses.dataclass
@@ -181,11 +257,19 @@ class RunConfig:
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
 
     def validate(self) -> None:
-        """Refuse settings that contradict each other, or that this installation cannot honour (one-line
-        ``ValueError``, before any computation)."""
+        """Refuse settings that contradict each other or that no run can use (one-line ``ValueError`` naming the
+        key), before anything is computed. The checks that need the data (a structure larger than the model or
+        than the largest of ``dataset.buckets``) are :func:`~bptt_jax.pipeline.data.load_split`'s."""
         if self.logging.tensorboard and importlib.util.find_spec("tensorboardX") is None:
             raise ValueError("logging.tensorboard=true needs tensorboardX: pip install 'bptt-jax[tensorboard]'")
         ft = self.finetune
+        try:
+            model = self.model.build()
+        except TypeError as err:  # an override the model has no field for
+            raise ValueError(f"model.overrides={self.model.overrides!r}: {err}") from None
+        max_atoms = getattr(model, "max_atoms", None)
+        require(max_atoms is None or is_count(max_atoms, 1), "model.overrides.max_atoms", max_atoms,
+                "an integer of at least 1")
         if ft.variable_stop and ft.stop_frames_range[1] > self.relax.max_frames:
             raise ValueError(f"finetune.stop_frames_range {list(ft.stop_frames_range)} exceeds "
                              f"relax.max_frames {self.relax.max_frames}")
@@ -211,7 +295,7 @@ class RunConfig:
         relax["fire"] = tuple(tuple(p) for p in relax.get("fire", ()))
         relax["step_head"] = tuple(tuple(p) for p in relax["step_head"]) if isinstance(
             relax.get("step_head"), list) else relax.get("step_head", ())
-        if "buckets" in data:
+        if isinstance(data.get("buckets"), list):
             data["buckets"] = tuple(data["buckets"])
         if "generator" in data:
             data["generator"] = dict(data["generator"] or {})

@@ -65,33 +65,47 @@ class Split:
                 f"{len(self.train)} of the {self.train_records} after them")
 
 
+def size_limit(buckets: Sequence[int], max_atoms: Optional[int]) -> tuple[int, str]:
+    """The largest structure a run takes (atoms) and the setting that decides it: a model with a fixed input size
+    (ResMLP's ``max_atoms``, whose own size is a bucket, :func:`model_buckets`), else the largest size bucket."""
+    if max_atoms is not None:
+        return int(max_atoms), (f"the model takes at most max_atoms={max_atoms} "
+                                 f"(model.preset, model.overrides.max_atoms)")
+    return int(max(buckets)), f"the largest of dataset.buckets is {max(buckets)}"
+
+
 def load_split(cfg: DataConfig, skipped: SkipLog, progress: bool = True,
                max_atoms: Optional[int] = None) -> Split:
     """Read (or generate, then read) the configured records and split them as the paper does: the test split
     is the first ``n_test`` records *before* anything is filtered (so it is the same records whatever is
     skipped), the training split the rest; then each keeps its usable trajectories (bad records, ≤ 2 frames,
-    changing atom counts, and with ``max_atoms`` structures larger than the model takes, are skipped and
-    counted in ``skipped``)."""
+    changing atom counts, and structures larger than :func:`size_limit` (the model's ``max_atoms``, else the
+    largest of ``cfg.buckets``) are skipped and counted in ``skipped``; in strict mode a too-large structure is
+    an error naming the setting)."""
     records = list(_records(cfg, skipped, progress))
     test_raw, train_raw = records[:cfg.n_test], records[cfg.n_test:]
+    limit, why = size_limit(cfg.buckets, max_atoms)
+    too_large = []
 
     def usable(part):
-        trajs = list(filter_usable((r for r in part if isinstance(r, Trajectory)), skipped))
-        if max_atoms is None:
-            return trajs
         keep = []
-        for t in trajs:
-            if t.n_atoms <= max_atoms:
+        for t in filter_usable((r for r in part if isinstance(r, Trajectory)), skipped):
+            if t.n_atoms <= limit:
                 keep.append(t)
                 continue
-            err = DataError(t.source or t.id, None, f"{t.n_atoms} atoms, more than the model takes "
-                            f"(max_atoms={max_atoms})", kind="too_large")
+            err = DataError(t.source or t.id, None, f"{t.n_atoms} atoms, more than this run takes: {why}",
+                            kind="too_large")
             if cfg.strict:
                 raise err
             skipped.add(err.kind, str(err))
+            too_large.append(str(err))
         return keep
 
-    return Split(usable(train_raw), usable(test_raw), len(train_raw), len(test_raw))
+    split = Split(usable(train_raw), usable(test_raw), len(train_raw), len(test_raw))
+    if too_large:
+        log.warning("skipped %d structure(s) larger than %d atoms (%s); the first: %s", len(too_large), limit, why,
+                    too_large[0])
+    return split
 
 
 def load_trajectories(cfg: DataConfig, skipped: SkipLog, progress: bool = True) -> list[Trajectory]:
@@ -209,8 +223,13 @@ def load_data(cfg: RunConfig, max_atoms: Optional[int]) -> Data:
         train_trajs = train_trajs[:cfg.data.max_train]
     n_val = int(round(cfg.finetune.val_fraction * len(train_trajs))) if cfg.finetune.epochs else 0
     if not train_trajs or not test_trajs or (cfg.finetune.val_fraction and cfg.finetune.epochs and not n_val):
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.counts.items()))
+        hint = ""
+        if skipped.counts.get("too_large"):
+            hint = f"; too large: {size_limit(cfg.data.buckets, max_atoms)[1]}"
         raise ValueError(f"need training, validation and test trajectories; have {len(train_trajs)} train and "
-                         f"{len(test_trajs)} test after skipping {skipped.total}")
+                         f"{len(test_trajs)} test after skipping {skipped.total}" + (f" ({reasons})" if reasons else "")
+                         + hint)
     # The last val_fraction of the training trajectories: BPTT's validation split (its starting step size and
     # the epoch it delivers are chosen on it; the test split only gives the reported figures).
     val_trajs = train_trajs[len(train_trajs) - n_val:] if n_val else []

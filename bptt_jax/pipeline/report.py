@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bptt_jax import parallel
+from bptt_jax.files import atomic_path, write_text_atomic
 from bptt_jax.pipeline.config import RunConfig
 from bptt_jax.pipeline.data import Data
 from bptt_jax.pipeline.evaluate import Baselines, Control, EvalResult, Evaluation
@@ -128,7 +129,7 @@ def start_run(cfg: RunConfig) -> Path:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if parallel.is_primary():
-        (run_dir / "run_config.json").write_text(json.dumps(jsonable(cfg), indent=1))
+        write_text_atomic(run_dir / "run_config.json", json.dumps(jsonable(cfg), indent=1))
     return run_dir
 
 
@@ -141,7 +142,7 @@ def write_run(cfg: RunConfig, run_dir: Path, results: dict, pretrain_rows: list[
     results, metrics, plots), so processes sharing one run_dir do not clobber each other's files, and nobody
     leaves (and tears down the distributed runtime) before it has written."""
     if parallel.is_primary():
-        (run_dir / "results.json").write_text(json.dumps(jsonable(results), indent=1))
+        write_text_atomic(run_dir / "results.json", json.dumps(jsonable(results), indent=1))
         if metrics:
             _write_metrics(run_dir / "metrics.csv", pretrain_rows, bptt_rows)
         if cfg.plots:
@@ -165,7 +166,7 @@ def _write_metrics(path: Path, pretrain_rows: list[dict], bptt_rows: list[dict])
     fields: list[str] = []
     for r in rows:
         fields.extend(k for k in r if k not in fields)
-    with path.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)

@@ -83,9 +83,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     import dataclasses
 
     from ase.io import write
+    from ase.io.formats import UnknownFileTypeError, filetype
     from tqdm.auto import tqdm
 
     from bptt_jax import BPTT, Structure, relax_many
+    from bptt_jax.files import atomic_path
     from bptt_jax.load import load_run
 
     checkpoint = int(args.checkpoint) if args.checkpoint.isdigit() else args.checkpoint
@@ -138,12 +140,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                           bptt_diverged=bool(diverged))
             out_atoms.append(b)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    partial = args.output.with_name(f".{args.output.stem}.partial{args.output.suffix}")  # same format, same disk
     try:
-        write(partial, out_atoms)
-        partial.replace(args.output)  # complete or absent: never a half-written output
-    finally:
-        partial.unlink(missing_ok=True)
+        with atomic_path(args.output) as tmp:  # never a half-written output file
+            write(tmp, out_atoms, format=filetype(args.output, read=False))
+    except (ValueError, OSError, UnknownFileTypeError) as err:  # e.g. a format ASE cannot write, or a full disk
+        log.error("%s: cannot be written (%s)", args.output,
+                  str(err).splitlines()[0] if str(err) else type(err).__name__)
+        return 2
     done = [info[i] for i in todo]
     log.info("%d structures relaxed (%d converged, %d diverged), %d written unrelaxed, %d unreadable file(s): %s",
              len(todo), sum(c for _, c, _ in done), sum(d for _, _, d in done), len(structures) - len(todo),

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
 from typing import Any, Optional, Union
 
 import jax
@@ -19,6 +21,34 @@ METHOD_FIELDS = {
     "adjoint_solver": "solver", "adjoint_tol": "tol", "adjoint_iters": "max_iters", "adjoint_damping": "damping",
     "adjoint_unconverged": "unconverged", "adjoint_project_translations": "project_translations",
 }
+
+
+def require(ok: bool, key: str, value: Any, what: str) -> None:
+    """The typed configs' one-line refusal of a setting: ``ValueError("key=value: must be what")``."""
+    if not ok:
+        raise ValueError(f"{key}={value!r}: must be {what}")
+
+
+def is_number(x: Any, low: float = -math.inf, *, above: bool = False, high: float = math.inf) -> bool:
+    """``x`` is a finite real number (a float, int or numpy scalar; not a bool or a string) with ``low <= x``
+    (``low < x`` if ``above``) and ``x <= high``."""
+    if isinstance(x, (bool, str, bytes)):
+        return False
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(v) and (v > low if above else v >= low) and v <= high
+
+
+def is_count(x: Any, low: int = 0) -> bool:
+    """``x`` is an integer (an int or numpy integer; not a bool) of at least ``low``."""
+    if isinstance(x, bool):
+        return False
+    try:
+        return operator.index(x) >= low
+    except TypeError:
+        return False
 
 
 def method_fields(grad_mode: str) -> tuple[str, ...]:
@@ -98,8 +128,7 @@ class RelaxConfig:
             object.__setattr__(self, "step_head", tuple(sorted(self.step_head.items())))
         if self.step_head and self.step_mode != "network":
             raise ValueError(f"relax.step_head applies to step_mode network, not {self.step_mode!r}")
-        if self.max_frames < 1:
-            raise ValueError("max_frames must be at least 1")
+        self._check_values()
         if self.grad_mode not in REGISTRY:
             raise ValueError(f"unknown grad_mode {self.grad_mode!r}; expected one of {', '.join(REGISTRY)}")
         takes = method_fields(self.grad_mode)
@@ -109,10 +138,41 @@ class RelaxConfig:
             if name not in takes and value != defaults[name]:
                 raise ValueError(f"relax.{name}={value!r} does not apply to grad_mode {self.grad_mode!r}, which "
                                  f"takes {', '.join('relax.' + t for t in takes) or 'no options'}")
-        method = self.method  # validates the options' values
+        try:
+            method = self.method  # validates the options' values
+        except ValueError as err:
+            raise ValueError(f"relax.grad_mode={self.grad_mode!r}: {err}") from None
         if self.length_quantum > 0 and method.early_exit:
             raise ValueError(f"relax.length_quantum={self.length_quantum} applies to grad_mode full and remat; "
                              f"{self.grad_mode!r} stops early by construction")
+
+    def _check_values(self) -> None:
+        """Refuse values no relaxation can run with, naming the key (``dataset.max_frames`` fills
+        ``relax.max_frames`` in the CLI's config)."""
+        require(self.step_size is None or is_number(self.step_size, 0.0, above=True), "relax.step_size",
+                self.step_size, "a positive number (Å²/eV), or null for the validation split's best constant step")
+        require(is_number(self.momentum, 0.0, high=1.0) and self.momentum < 1, "relax.momentum", self.momentum,
+                "in [0, 1)")
+        require(is_number(self.anneal, 0.0, above=True), "relax.anneal", self.anneal, "a positive factor")
+        require(is_number(self.noise, 0.0), "relax.noise", self.noise, "at least 0 (Å)")
+        require(is_number(self.noise_anneal, 0.0, above=True), "relax.noise_anneal", self.noise_anneal,
+                "a positive factor")
+        require(is_count(self.max_frames, 1), "relax.max_frames", self.max_frames,
+                "an integer of at least 1 (the CLI sets it from dataset.max_frames)")
+        # tol 0: never converged, every relaxation runs max_frames (benchmarks, tests); inf: no divergence bound.
+        require(is_number(self.tol, 0.0), "relax.tol", self.tol, "a distance of at least 0 (Å)")
+        require(self.diverge_distance == math.inf or is_number(self.diverge_distance, 0.0, above=True),
+                "relax.diverge_distance", self.diverge_distance, "a positive distance (Å)")
+        for name in ("remat_segment", "sample_frames", "sample_chunk", "length_quantum"):
+            require(is_count(getattr(self, name)), f"relax.{name}", getattr(self, name), "an integer of at least 0")
+        require(self.window is None or is_count(self.window), "relax.window", self.window,
+                "an integer of at least 0, or null")
+        require(is_count(self.adjoint_iters, 1), "relax.adjoint_iters", self.adjoint_iters,
+                "an integer of at least 1")
+        require(is_number(self.adjoint_tol, 0.0, above=True), "relax.adjoint_tol", self.adjoint_tol,
+                "a positive number")
+        require(is_number(self.adjoint_damping, 0.0), "relax.adjoint_damping", self.adjoint_damping,
+                "at least 0")
 
     @property
     def method(self) -> GradMethod:
