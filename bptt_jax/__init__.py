@@ -11,6 +11,9 @@ The public API, one concept per module:
   (``jit_train_step``, ``jit_fit_step``; one device or a data mesh).
 - :mod:`bptt_jax.inference`: ``relax_many``, bucketed in-flight relaxation of many structures.
 - :mod:`bptt_jax.load`: ``load_run``, a finished run's model, parameters and learned relaxation.
+
+Used elsewhere (import the submodule): :mod:`bptt_jax.ase` (an ASE calculator and optimizer) and
+:mod:`bptt_jax.jax_md` (``force_fn``, ``energy_fn`` and ``learned_descent`` in jax-md's conventions).
 """
 
 from bptt_jax.bptt import (BPTT, FitStep, OptimConfig, TrainState, count_params, jit_fit_step, jit_train_step,
