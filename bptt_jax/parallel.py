@@ -16,7 +16,8 @@ Several hosts (processes): every process calls :func:`initialize` first (``jax.d
 on CPU the cross-process collectives are gloo's, selected with ``jax_cpu_collectives_implementation``),
 then builds the same mesh over the *global* devices. A process either holds only its own part of the
 global batch (``shard_batch(local_part, mesh)``) or the same whole batch as every other process
-(``shard_batch(batch, mesh, process_local=False)``, what the pipeline does).
+(``shard_batch(batch, mesh, process_local=False)``, what the pipeline does). When one process fails (an
+exception, a kill), the others stop within seconds and name it (:func:`fail_together`, ``heartbeat_timeout``).
 
 Batches are padded to a multiple of the device count with empty structures (no real atom; see
 :func:`pad_batch`), which every loss and metric already masks out.
@@ -24,8 +25,14 @@ Batches are padded to a multiple of the device count with empty structures (no r
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
 import logging
+import os
+import sys
+import threading
+import time
 from typing import Any, Optional, Sequence
 
 import jax
@@ -59,6 +66,9 @@ class DistributedConfig:
       initialization_timeout: seconds to wait for every process to connect.
       barrier_timeout: seconds a process waits at a host-side barrier (:func:`sync`) for the others, e.g.
         while process 0 alone generates a missing data set.
+      heartbeat_timeout: seconds without a heartbeat after which JAX's coordination service counts a process as
+        dead (killed, or its machine lost) and stops all the others (``jax.distributed``'s own default: 100 s).
+        A process that fails with an exception tells the others at once (:func:`fail_together`).
     """
 
     enabled: bool = False
@@ -69,6 +79,7 @@ class DistributedConfig:
     cpu_collectives: Optional[str] = "gloo"
     initialization_timeout: int = 300
     barrier_timeout: int = 3600
+    heartbeat_timeout: int = 10
 
     def __post_init__(self):
         if self.cpu_collectives not in (None, "gloo", "mpi"):
@@ -95,10 +106,137 @@ def initialize(cfg: DistributedConfig) -> bool:
     _barrier_timeout_s = int(cfg.barrier_timeout)
     jax.distributed.initialize(coordinator_address=cfg.coordinator_address, num_processes=cfg.num_processes,
                                process_id=cfg.process_id, local_device_ids=cfg.local_device_ids,
-                               initialization_timeout=cfg.initialization_timeout)
+                               initialization_timeout=cfg.initialization_timeout,
+                               heartbeat_timeout_seconds=cfg.heartbeat_timeout)
     log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count())
+    if jax.process_count() > 1:
+        _start_watch()
     return True
+
+
+# ---------------------------------------------------------------------------------------------------
+# One process fails: the others stop
+#
+# A killed process stops sending heartbeats; after ``heartbeat_timeout`` JAX's coordination service stops every
+# other process itself (its message names the dead task: "The following tasks are unhealthy (stopped sending
+# heartbeats): 1", or, when process 0 died, "the leader task was preempted/died"). A process that fails with an
+# exception still heartbeats, and would leave the others waiting at their next collective or barrier
+# (``barrier_timeout``) while it waits for them in jax.distributed's shutdown: so it writes its error into the
+# coordination service's key-value store (:func:`announce_failure`), where a thread of every other process looks
+# twice a second (:func:`_watch`), and those stop with one line naming it.
+
+_FAILED = "bptt_jax/failed/"  # + process index: its error
+_STOPPED = "bptt_jax/stopped/"  # + process index: it read a failure and stops
+_EXITING = "bptt_jax/exiting/"  # + process index: it is leaving (exit_now)
+_POLL_S = 0.5
+_EXIT_WAIT_S = 10.0
+_watch_done = threading.Event()
+
+
+def _client():
+    from jax._src.distributed import global_state
+
+    return global_state.client
+
+
+def _start_watch() -> None:
+    _watch_done.clear()
+    threading.Thread(target=_watch, name="bptt_jax peer watch", daemon=True).start()
+    # Before jax.distributed's own shutdown at exit (atexit runs the handlers registered last first): a finished
+    # run must not read the coordination service going away as a failure.
+    atexit.register(_watch_done.set)
+
+
+def _watch() -> None:
+    """Stop this process (``os._exit(3)``) when another one announces a failure, or when the coordination service
+    (on process 0) stays unreachable for three polls in a row."""
+    me, client, unreachable = jax.process_index(), _client(), 0
+    while not _watch_done.wait(_POLL_S):
+        try:
+            failed = sorted((int(k.rsplit("/", 1)[1]), v) for k, v in client.key_value_dir_get(_FAILED))
+            unreachable = 0
+        except Exception as err:  # the service's RPC errors are plain JaxRuntimeErrors
+            unreachable += 1
+            if unreachable < 3:
+                continue
+            failed = [(0, f"the coordination service on process 0 is unreachable ({str(err).splitlines()[0]})")]
+        failed = [(pid, why) for pid, why in failed if pid != me]
+        if failed and not _watch_done.is_set():
+            causes = "; ".join(f"process {pid} failed: {why}" for pid, why in failed)
+            log.error("process %d stops: %s", me, causes)
+            try:
+                client.key_value_set(f"{_STOPPED}{me}", "stopped")
+                if me == 0:
+                    # The coordination service lives in process 0: leaving first would make JAX abort the failing
+                    # processes before they have reported their own error.
+                    _wait_for(client, _EXITING, {pid for pid, _ in failed}, _EXIT_WAIT_S)
+                    time.sleep(0.5)
+            except Exception:
+                pass
+            exit_now(3)
+
+
+def announce_failure(message: str, wait_s: float = 5.0) -> None:
+    """Tell the other processes of a multi-process run that this one failed with ``message`` (one line): each
+    stops within a second or so, naming this process. Waits up to ``wait_s`` for them to stop, so that they
+    read the message before process 0, should it be the one failing, takes the coordination service down.
+    A no-op with one process."""
+    client = _client()
+    if client is None or jax.process_count() == 1:
+        return
+    _watch_done.set()  # this process is failing on its own account: its watch must not stop it first
+    me = jax.process_index()
+    try:
+        client.key_value_set(f"{_FAILED}{me}", message, allow_overwrite=True)
+        _wait_for(client, _STOPPED, set(range(jax.process_count())) - {me}, wait_s)
+    except Exception as err:  # the service is gone already: nobody left to tell
+        log.debug("announcing the failure: %s", err)
+
+
+def _wait_for(client, prefix: str, processes: set[int], timeout_s: float) -> None:
+    """Until the coordination service has the key ``prefix + i`` of every process ``i`` in ``processes``, or
+    ``timeout_s`` has passed."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if processes <= {int(k.rsplit("/", 1)[1]) for k, _ in client.key_value_dir_get(prefix)}:
+            return
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def fail_together():
+    """Around the work of a multi-process run: an exception inside it is announced to the other processes
+    (:func:`announce_failure`), which stop, before it propagates. Nothing changes with one process.
+
+    The failing process should then exit with :func:`exit_now`: jax.distributed's shutdown at a normal exit
+    waits at a barrier for the processes that have just stopped."""
+    try:
+        yield
+    except BaseException as err:
+        if jax.process_count() > 1:
+            first = str(err).splitlines()[0] if str(err) else ""
+            announce_failure(f"{type(err).__name__}: {first}" if first else type(err).__name__)
+        raise
+
+
+def exit_now(code: int) -> None:
+    """End the process with ``code`` at once (``os._exit``), after flushing the logs and standard streams: no
+    atexit handlers, so no jax.distributed shutdown barrier. In a multi-process run it says so first in the
+    coordination service (process 0, stopping for another's failure, waits for that)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    client = _client()
+    if client is not None and jax.process_count() > 1:
+        try:
+            client.key_value_set(f"{_EXITING}{jax.process_index()}", str(code), allow_overwrite=True)
+        except Exception:
+            pass
+    os._exit(code)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -233,5 +371,6 @@ def unreplicate(tree: Any) -> Any:
     return jax.tree_util.tree_map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, tree)
 
 
-__all__ = ["DATA_AXIS", "DistributedConfig", "batch_sharding", "data_mesh", "initialize", "is_primary", "local_mesh",
-           "local_mesh_size", "pad_batch", "replicate", "replicated", "shard_batch", "sync", "unreplicate"]
+__all__ = ["DATA_AXIS", "DistributedConfig", "announce_failure", "batch_sharding", "data_mesh", "exit_now",
+           "fail_together", "initialize", "is_primary", "local_mesh", "local_mesh_size", "pad_batch", "replicate",
+           "replicated", "shard_batch", "sync", "unreplicate"]

@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 import hydra
+import jax
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from bptt_jax import parallel
 from bptt_jax.pipeline import RunConfig, markdown_table, run_pipeline
 from bptt_jax.relax.config import require
 from bptt_jax.runtime import add_xla_flags, enable_compile_cache
@@ -74,12 +76,26 @@ def main(cfg: DictConfig) -> None:
         log.info("XLA_FLAGS += %s", " ".join(added))
     if cache_dir:
         log.info("persistent compilation cache: %s", enable_compile_cache(cache_dir))
-    try:  # config errors first (before any compute), then the run
-        results = run_pipeline(config_from_hydra(cfg, run_dir))
+    several = False
+    try:
+        # A multi-process run is joined before the rest of the config is read: a process whose settings are wrong
+        # fails inside the run, and the others hear of it (parallel.fail_together) instead of waiting for it.
+        dist = cfg.get("distributed")
+        dist = OmegaConf.to_container(dist, resolve=True) if dist is not None else {}
+        several = parallel.initialize(parallel.DistributedConfig(**dist)) and jax.process_count() > 1
+        with parallel.fail_together():
+            results = run_pipeline(config_from_hydra(cfg, run_dir))  # config errors first, before any compute
     except (ValueError, OSError, RuntimeError) as err:
         # One line, no traceback; checkpoints already written stay in the run directory.
         log.error("%s", str(err).splitlines()[0] if str(err) else type(err).__name__)
+        if several:  # not through jax.distributed's shutdown, which waits for the processes that just stopped
+            parallel.exit_now(2)
         sys.exit(2)
+    except BaseException:
+        if not several:
+            raise
+        log.exception("process %d failed", jax.process_index())
+        parallel.exit_now(1)
     print()
     print(markdown_table(results))
     print(f"\nrun directory: {run_dir}")

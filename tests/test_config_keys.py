@@ -32,6 +32,7 @@ OTHER = {
     "relax.grad_mode": "remat", "relax.window": 5, "relax.remat_segment": 0, "relax.adjoint_solver": "neumann",
     "relax.adjoint_unconverged": "solve", "relax.length_quantum": 8,
     "pretrain.schedule": "plateau", "pretrain.patience": 3, "pretrain.time_budget_s": 60.0,
+    "pretrain.checkpoint_every": 5,
     "finetune.clip_norm": None, "finetune.schedule": "cosine", "finetune.stop_tol_range": [1e-3, 1e-2],
     "finetune.stop_frames_range": [40, 60],
     "eval.step_grid": [0.01, 0.02],

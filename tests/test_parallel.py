@@ -6,9 +6,12 @@ fixed when JAX starts, so they cannot be changed inside the pytest process.
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -317,6 +320,60 @@ def test_two_process_pipeline_writes_one_run_directory(tmp_path):
         leaves = jax.tree_util.tree_leaves(out.state)
         assert leaves and all(np.all(np.isfinite(np.asarray(x))) for x in leaves), name
         assert key in out.meta, (name, out.meta)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failure", ["config error", "kill"])
+def test_when_one_process_fails_the_other_stops_and_names_it(tmp_path, cli_cache, failure):
+    """Two-process CLI run, process 1 fails after joining: with a bad data set path of its own (an exception: it
+    announces it, process 0's watch thread stops process 0 with a line naming it) or killed with SIGKILL once it
+    has its data (JAX's coordination service misses its heartbeats for distributed.heartbeat_timeout=5 s and stops
+    process 0, naming task 1). Either way process 0 ends within seconds, not at a collective's or barrier's
+    timeout, and the failed process itself does not wait for process 0 either."""
+    if not _cpu_collectives_available():
+        pytest.skip("this jaxlib has no gloo CPU collectives (cross-process CPU computations impossible)")
+    from test_train import TINY
+
+    port, run_dir = _free_port(), tmp_path / "run"
+    mine = {"pretrain.max_epochs": "1", "plots": "false", "eval.fire": "false", "eval.oracle": "false",
+            "eval.force_control": "false"}
+    tiny = [o for o in TINY if o.split("=")[0] not in mine] + [f"{k}={v}" for k, v in mine.items()]
+    outs = [tmp_path / f"p{i}.out" for i in range(2)]
+    procs = []
+    for i in range(2):
+        own = [f"dataset.path={tmp_path / 'missing'}"] if failure == "config error" and i == 1 else []
+        cmd = [sys.executable, "-m", "bptt_jax.train", f"dataset.cache_dir={cli_cache / 'data'}", *tiny, *own,
+               f"hydra.run.dir={run_dir}", "distributed.enabled=true", "distributed.heartbeat_timeout=5",
+               f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
+               f"distributed.process_id={i}"]
+        with open(outs[i], "w") as out:
+            procs.append(subprocess.Popen(cmd, env=_env(), stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path))
+    ended = [None, None]
+    try:
+        deadline = time.time() + 400
+        while None in ended and time.time() < deadline:
+            for i, p in enumerate(procs):
+                if ended[i] is None and p.poll() is not None:
+                    ended[i] = time.time()
+            if failure == "kill" and procs[1].poll() is None and "data: " in outs[1].read_text():
+                procs[1].send_signal(signal.SIGKILL)
+            time.sleep(0.1)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    text = [o.read_text() for o in outs]
+    assert None not in ended, text[0][-3000:]
+    print(f"process 0 ended {ended[0] - ended[1]:.1f} s after process 1")
+    assert procs[0].returncode != 0 and ended[0] - ended[1] < 30, text[0][-3000:]
+    if failure == "config error":
+        assert procs[1].returncode == 2 and "missing" in text[1], text[1][-3000:]
+        assert re.search(r"process 0 stops: process 1 failed: \w+Error: .*missing", text[0]), text[0][-3000:]
+    else:
+        assert procs[1].returncode == -signal.SIGKILL
+        assert re.search(r"stopped sending heartbeats\):\s*1\b", text[0]), text[0][-3000:]
+    assert not (run_dir / "results.json").exists()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -261,10 +261,20 @@ def test_fine_tuning_that_gets_worse_keeps_the_starting_model(tmp_path, cli_cach
 
 @pytest.mark.slow
 def test_fine_tuning_keeps_the_best_validation_epoch(tmp_path, cli_cache):
-    """... and, with logging.tensorboard=true, writes its curves: metrics.csv's rows and results.json's figures."""
+    """... and, with logging.tensorboard=true, writes its curves: metrics.csv's rows and results.json's figures. The
+    same seed again (one device; tests/test_train.py repeats the CLI run on two): the same results.json but for
+    wall times, and the same parameters, bit for bit."""
     cfg = _tiny_run(tmp_path, cli_cache, learning_rate=1e-3)
-    res = run_pipeline(dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, fire=True),
-                                           logging=LoggingConfig(tensorboard=True)))
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, fire=True))
+    res = run_pipeline(dataclasses.replace(cfg, logging=LoggingConfig(tensorboard=True)))
+    run_pipeline(dataclasses.replace(cfg, run_dir=str(tmp_path / "again")))
+    untimed = lambda d: {k: v for k, v in d.items() if k not in ("wall_s", "seconds_per_bptt_step")}  # noqa: E731
+    assert untimed(json.loads((tmp_path / "again" / "results.json").read_text())) == untimed(
+        json.loads((Path(cfg.run_dir) / "results.json").read_text()))
+    from bptt_jax import load_run
+
+    for checkpoint in ("pretrained", 1, 2):
+        _tree_equal(load_run(tmp_path / "again", checkpoint).params, load_run(cfg.run_dir, checkpoint).params)
     sel = res["bptt_selection"]
     assert sel["kept_epoch"] == int(np.argmin(sel["val_loss"]))
     _curves_are_the_run(Path(cfg.run_dir), res)
@@ -278,6 +288,13 @@ def test_fine_tuning_keeps_the_best_validation_epoch(tmp_path, cli_cache):
     assert all(0 < r["frames"] <= 8 for r in diag["exact"])
     text = report(diag, "cmd", 1.0)
     assert "| exact (generating potential) |" in text and f"({res['n_test']} test structures)" in text
+
+
+def _tree_equal(a, b) -> None:
+    """Every leaf of ``a`` equals ``b``'s exactly."""
+    import jax
+
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
 
 
 def _curves_are_the_run(run_dir: Path, res: dict) -> None:

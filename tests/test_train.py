@@ -127,6 +127,101 @@ def test_multirun_sweep_writes_a_summary(tmp_path, cli_cache):
     assert summary.count("\n") == 4 and "relax.step_size=0.02" in summary
 
 
+# The tiny run (after TINY: the later value wins) with room to be killed in: four pretraining and four BPTT epochs,
+# no FIRE, oracle or control.
+KILLABLE = ["pretrain.max_epochs=4", "finetune.epochs=4", "eval.fire=false", "eval.oracle=false",
+            "eval.force_control=false", "plots=false"]
+WALL_TIMES = ("wall_s", "seconds_per_bptt_step", "seconds")  # results.json's and metrics.csv's
+
+
+def _steps(path):
+    """The finished checkpoint steps in ``path`` (orbax's tmp folders of unfinished saves are not)."""
+    return sorted(int(p.name) for p in path.glob("*") if p.name.isdigit()) if path.exists() else []
+
+
+def _kill_when(tmp_path, cache, ready, *overrides, timeout=600):
+    """Run the CLI in a session of its own and SIGKILL it, data generation workers included, once ``ready()``."""
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "bptt_jax.train", f"compile_cache_dir={cache / 'xla'}", *TINY, *KILLABLE, *overrides]
+    with open(tmp_path / "killed.out", "a") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
+                                env=dict(os.environ, HYDRA_FULL_ERROR="0"))
+    deadline = time.time() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, f"ended before the kill:\n{(tmp_path / 'killed.out').read_text()[-3000:]}"
+            assert time.time() < deadline, "no point to kill the run at"
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _same_run(run_dir, ref_dir):
+    """Two runs of the same seed: the same results.json and metrics.csv but for wall times, and bit for bit the
+    same pretrained and fine-tuned parameters of every epoch."""
+    import jax
+    import numpy as np
+
+    from bptt_jax import load_run
+
+    res, ref = (json.loads((d / "results.json").read_text()) for d in (run_dir, ref_dir))
+    untimed = lambda d: {k: v for k, v in d.items() if k not in WALL_TIMES}  # noqa: E731
+    assert untimed(res) == untimed(ref)
+    assert [untimed(r) for r in _rows(run_dir)] == [untimed(r) for r in _rows(ref_dir)]
+    epochs = _steps(run_dir / "checkpoints" / "bptt")
+    assert epochs == _steps(ref_dir / "checkpoints" / "bptt") and epochs
+    for checkpoint in ("pretrained", "final", *epochs):
+        jax.tree_util.tree_map(np.testing.assert_array_equal, load_run(run_dir, checkpoint).params,
+                               load_run(ref_dir, checkpoint).params)
+
+
+@pytest.mark.slow
+def test_a_run_killed_anywhere_resumes_to_the_same_results(tmp_path, cli_cache):
+    """The tiny run (two CPU devices) killed with SIGKILL in data generation, pretraining, the baselines and BPTT,
+    resumed with train.resume=true each time, the newest BPTT checkpoint damaged before the last resume (and an
+    interrupted save's tmp folder left beside it): it ends with the uninterrupted run's results.json, metrics and
+    parameters, bit for bit. The uninterrupted run is the killed one's repeat of the same seed, too."""
+    ref_dir, run_dir, data = tmp_path / "ref", tmp_path / "run", tmp_path / "data"
+    r = _train(tmp_path, cli_cache, *KILLABLE, f"hydra.run.dir={ref_dir}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    dataset, ckpt = data / "si_defects-tiny-n10-s0", run_dir / "checkpoints"
+    run = [f"dataset.cache_dir={data}", f"hydra.run.dir={run_dir}"]
+
+    _kill_when(tmp_path, cli_cache, lambda: any(dataset.glob("*.extxyz")), *run)
+    assert not json.loads((dataset / "manifest.json").read_text())["complete"]  # killed while generating
+    _kill_when(tmp_path, cli_cache, lambda: _steps(ckpt / "pretraining"), *run, "train.resume=true")
+    assert not (ckpt / "pretrained").exists()  # killed while pretraining
+    _kill_when(tmp_path, cli_cache, lambda: _steps(ckpt / "pretrained"), *run, "train.resume=true")
+    assert not _steps(ckpt / "bptt")  # killed between pretraining and BPTT: the baselines
+    _kill_when(tmp_path, cli_cache, lambda: len(_steps(ckpt / "bptt")) >= 2, *run, "train.resume=true")
+    last = _steps(ckpt / "bptt")[-1]
+    assert last < 4  # killed while fine-tuning
+    damaged = max((p for p in (ckpt / "bptt" / str(last)).rglob("*") if p.is_file()),
+                  key=lambda p: p.stat().st_size)
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])
+    unfinished = ckpt / "bptt" / f"{last + 1}.orbax-checkpoint-tmp-1796316200123456"
+    unfinished.mkdir()
+    (unfinished / "_CHECKPOINT_METADATA").write_text("{")
+    r = _train(tmp_path, cli_cache, *KILLABLE, *run, "train.resume=true")
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    log_text = (run_dir / "train.log").read_text()
+    assert "resumed pretraining after" in log_text and "resumed BPTT from epoch" in log_text
+    assert f"damaged checkpoint {ckpt / 'bptt' / str(last)} (" in log_text and f"using step {last - 1}" in log_text
+    assert (ckpt / "damaged" / f"bptt-{last}").is_dir() and not unfinished.exists()
+    _same_run(run_dir, ref_dir)
+    # The data set the killed generation finished is the one generated in one go; the killed writers' temporary
+    # files are gone.
+    ref_data = cli_cache / "data" / dataset.name
+    names = sorted(p.name for p in ref_data.glob("*.extxyz"))
+    assert len(names) == 10 and sorted(p.name for p in dataset.glob("*.extxyz")) == names
+    assert all((dataset / name).read_bytes() == (ref_data / name).read_bytes() for name in names)
+    assert not list(dataset.glob("*.tmp*"))
+
+
 def test_bad_dataset_path_is_one_line(tmp_path, cli_cache):
     r = _train(tmp_path, cli_cache, f"dataset.path={tmp_path / 'missing'}", f"hydra.run.dir={tmp_path / 'r'}")
     assert r.returncode == 2

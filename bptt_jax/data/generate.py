@@ -24,8 +24,10 @@ Each trajectory is one extxyz file (every frame; energy, forces, ``tags`` and ``
 directory's ``manifest.json`` records generator, parameters, seed, counts and package versions.
 Trajectory ``i`` depends only on (generator, parameters, seed, i): the same seed gives the same files,
 whatever the number of workers (relaxations run with one BLAS thread, see :func:`single_threaded_blas`), and
-an interrupted run resumes where it stopped. :mod:`bptt_jax.oracle` relaxes a generated test split with the
-generating potential's own forces under the library's constant-step rule.
+an interrupted run resumes where it stopped: every file (trajectories, manifest) is written under a temporary name
+and renamed, so a killed generation leaves none half written (and the next one removes its temporary files).
+:mod:`bptt_jax.oracle` relaxes a generated test split with the generating potential's own forces under the
+library's constant-step rule.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import socket
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -47,7 +50,6 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
 from ase.data import atomic_numbers, reference_states
 
-from bptt_jax.files import atomic_path, write_text_atomic
 
 MANIFEST = "manifest.json"
 
@@ -424,10 +426,12 @@ def generate_one(name: str, params, seed: int, index: int, out_dir: str, oracle:
                                                                  for k, v in info.items()}})
         f.new_array("fixed", fixed.copy())
     path = Path(out_dir) / f"{traj_id}.extxyz"
+    # This process's own temporary name: a worker left running by a killed generation may still write it.
+    tmp = _tmp_name(path)
     from ase.io import write
 
-    with atomic_path(path) as tmp:  # a file that exists is complete
-        write(tmp, frames, format="extxyz")
+    write(tmp, frames, format="extxyz")
+    os.replace(tmp, path)  # atomic: a file that exists is complete
     fmax = float(np.max(np.linalg.norm(frames[-1].get_forces()[~fixed], axis=1))) if (~fixed).any() else 0.0
     return {"file": path.name, "frames": len(frames), "atoms": len(atoms), "converged": fmax <= params.fmax,
             **info}
@@ -443,6 +447,31 @@ def _versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return out
+
+
+def _tmp_name(path: Path) -> Path:
+    """Where this process writes ``path`` before renaming it: its own name (host and process id), so that writers
+    never share one, and a killed writer's leftovers are known (:func:`_remove_stale`)."""
+    return path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+def _remove_stale(out: Path) -> None:
+    """Remove the temporary files that processes of this host no longer alive left in ``out`` (killed writers)."""
+    prefix = f"-{socket.gethostname()}-"
+    for tmp in out.glob(f"*.tmp{prefix}*"):
+        try:
+            os.kill(int(tmp.name.rsplit(prefix, 1)[1]), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except (ValueError, PermissionError):  # not one of ours, or a live process of another user
+            pass
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` whole or not at all (a killed generation leaves the old manifest, never half)."""
+    tmp = _tmp_name(path)
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _params_dict(params) -> dict[str, Any]:
@@ -461,6 +490,7 @@ def generate(name: str, out_dir: str | os.PathLike, *, preset: str = "default", 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / MANIFEST
+    _remove_stale(out)
     previous: dict[str, dict] = {}
     # Trajectory i depends on everything but n: a larger n extends a dataset, a smaller one is a prefix.
     identity = {k: v for k, v in _params_dict(params).items() if k != "n"}
@@ -486,7 +516,7 @@ def generate(name: str, out_dir: str | os.PathLike, *, preset: str = "default", 
             for stale in out.glob(f"{name}_*.extxyz"):
                 stale.unlink()
     manifest = {**wanted, "n": params.n, "complete": False, "versions": _versions(), "trajectories": []}
-    write_text_atomic(manifest_path, json.dumps(manifest, indent=1))
+    _write_atomically(manifest_path, json.dumps(manifest, indent=1))
 
     records: dict[int, dict] = {}
     todo = []
@@ -536,5 +566,5 @@ def generate(name: str, out_dir: str | os.PathLike, *, preset: str = "default", 
         "wall_s": round(time.time() - t0, 2),
         "trajectories": trajs,
     })
-    write_text_atomic(manifest_path, json.dumps(manifest, indent=1))
+    _write_atomically(manifest_path, json.dumps(manifest, indent=1))
     return manifest

@@ -2,8 +2,8 @@
 
 :func:`run_pipeline` takes typed configs (no Hydra here; :mod:`bptt_jax.train` is the thin CLI) and writes
 into a run directory: ``results.json``, ``metrics.csv``, plots, the resolved config and orbax checkpoints
-(``checkpoints/pretrained`` and ``checkpoints/bptt``, one step per epoch). ``resume=True`` continues an
-interrupted run from its last checkpoint.
+(``checkpoints/pretrained``, ``checkpoints/pretraining`` while it trains, ``checkpoints/bptt``, one step per epoch).
+``resume=True`` continues an interrupted run from its last checkpoint that restores.
 
 One module per stage, in the order :func:`run_pipeline` (:mod:`~bptt_jax.pipeline.run`) calls them:
 
@@ -24,8 +24,9 @@ One module per stage, in the order :func:`run_pipeline` (:mod:`~bptt_jax.pipelin
   ``logging.tensorboard``).
 """
 
-from bptt_jax.pipeline.checkpoints import (bptt_dir, bptt_params, init_from_dir, latest_step, pretrained_dir,
-                                           restore_checkpoint, resume_bptt, save_checkpoint)
+from bptt_jax.pipeline.checkpoints import (DamagedCheckpointError, bptt_dir, bptt_params, init_from_dir, latest_step,
+                                           pretrained_dir, pretraining_dir, restore_checkpoint, restore_latest,
+                                           resume_bptt, save_checkpoint)
 from bptt_jax.pipeline.config import (DataConfig, EvalConfig, FinetuneConfig, LoggingConfig, ModelConfig,
                                       PretrainConfig, RunConfig)
 from bptt_jax.pipeline.curves import TrainingCurves
@@ -35,17 +36,19 @@ from bptt_jax.pipeline.evaluate import (Baselines, Control, EvalResult, Evaluati
                                         equal_compute_control, evaluate_relaxation, evaluate_tuned, force_control,
                                         initial_loss, run_oracle, summarize)
 from bptt_jax.pipeline.finetuning import Tuned, fine_tune, lr_schedule, make_bptt, noise_schedule
-from bptt_jax.pipeline.pretraining import Pretrained, force_errors, make_force_step, pretrain, pretrained_model
+from bptt_jax.pipeline.pretraining import (Pretrained, PretrainProgress, force_errors, make_force_step, pretrain,
+                                           pretrained_model)
 from bptt_jax.pipeline.report import build_results, markdown_table, write_run
 from bptt_jax.pipeline.run import run_pipeline
 
 __all__ = [
-    "Baselines", "Control", "Data", "DataConfig", "EvalConfig", "EvalResult", "Evaluation", "Evaluator",
-    "FinetuneConfig", "LoggingConfig", "ModelConfig", "PretrainConfig", "Pretrained", "RunConfig", "Split",
-    "TrainingCurves", "Tuned", "adwt", "baselines", "batch_plan", "bptt_dir", "bptt_params", "build_results",
-    "equal_compute_control", "evaluate_relaxation", "evaluate_tuned", "fine_tune", "force_batches", "force_control",
-    "force_errors", "force_items", "generated_dir", "init_from_dir", "initial_loss", "latest_step", "load_data",
-    "load_split", "load_trajectories", "lr_schedule", "make_bptt", "make_force_step", "markdown_table", "model_buckets",
-    "noise_schedule", "pretrain", "pretrained_dir", "pretrained_model", "relax_batches", "relaxation_items",
-    "restore_checkpoint", "resume_bptt", "run_oracle", "run_pipeline", "save_checkpoint", "summarize", "write_run",
+    "Baselines", "Control", "DamagedCheckpointError", "Data", "DataConfig", "EvalConfig", "EvalResult",
+    "Evaluation", "Evaluator", "FinetuneConfig", "LoggingConfig", "ModelConfig", "PretrainConfig", "Pretrained",
+    "PretrainProgress", "RunConfig", "Split", "TrainingCurves", "Tuned", "adwt", "baselines", "batch_plan",
+    "bptt_dir", "bptt_params", "build_results", "equal_compute_control", "evaluate_relaxation", "evaluate_tuned",
+    "fine_tune", "force_batches", "force_control", "force_errors", "force_items", "generated_dir", "init_from_dir",
+    "initial_loss", "latest_step", "load_data", "load_split", "load_trajectories", "lr_schedule", "make_bptt",
+    "make_force_step", "markdown_table", "model_buckets", "noise_schedule", "pretrain", "pretrained_dir",
+    "pretrained_model", "pretraining_dir", "relax_batches", "relaxation_items", "restore_checkpoint",
+    "restore_latest", "resume_bptt", "run_oracle", "run_pipeline", "save_checkpoint", "summarize", "write_run",
 ]

@@ -126,6 +126,9 @@ class PretrainConfig:
         require(is_number(self.min_delta, 0.0), "pretrain.min_delta", self.min_delta, "at least 0")
         require(self.time_budget_s is None or is_number(self.time_budget_s, 0.0, above=True),
                 "pretrain.time_budget_s", self.time_budget_s, "null or a positive number of seconds")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise ValueError(f"pretrain.checkpoint_every must be a positive number of steps or null, not "
+                             f"{self.checkpoint_every!r}")
 
     max_epochs: int = 60
     patience: Optional[int] = 6
@@ -138,6 +141,9 @@ class PretrainConfig:
     min_delta: float = 1e-3  # an epoch improves when the validation MSE drops by more than this fraction
     schedule: str = "plateau"  # plateau: halve the rate when training stalls | cosine: decay over max_epochs
     time_budget_s: Optional[float] = None  # optional wall-clock cap (s); None: stop by epochs and plateau only
+    # Pretraining's state is checkpointed at the end of every epoch, and every this many training steps within one
+    # (None: at epoch ends only; set it when an epoch takes long).
+    checkpoint_every: Optional[int] = None
 
 
 @dataclasses.dataclass

@@ -1,7 +1,8 @@
 """BPTT fine-tuning, the pipeline's fourth stage (:func:`fine_tune`): the pretrained model, starting at the
 validation split's best constant step, trained through whole relaxations for ``finetune.epochs`` epochs; the
 epoch with the best validation loss is delivered (epoch 0: the starting model). One checkpoint per epoch
-(``checkpoints/bptt``) lets an interrupted run resume.
+(``checkpoints/bptt``) lets an interrupted run resume from the last epoch that restores (a damaged one is set aside,
+:func:`~bptt_jax.pipeline.checkpoints.restore_latest`).
 """
 
 from __future__ import annotations
@@ -107,8 +108,9 @@ def fine_tune(cfg: RunConfig, model, ev: Evaluator, model_params, start_step: fl
 
     val0 = val_loss(params0) if ft.epochs else None
     test0 = ev.test(bptt, params0).avg if ft.epochs else None
-    if cfg.resume and latest_step(ft_dir) is not None:
-        state, metrics_rows, start_epoch = resume_bptt(ft_dir, state)
+    resumed = resume_bptt(ft_dir, state) if cfg.resume and latest_step(ft_dir) is not None else None
+    if resumed is not None:
+        state, metrics_rows, start_epoch = resumed
     if ft.epochs:
         start_row = {"epoch": 0, "val_loss": val0, "test_loss": test0}
         if bptt.step_size(params0) is not None:
