@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import optax
 
+from bptt_jax.bptt import update_if_finite
 from bptt_jax.losses import force_l2, force_mse, masked_mean
 from bptt_jax.models import fit_input_stats
 from bptt_jax.pipeline.checkpoints import (init_from_dir, latest_step, pretrained_dir, restore_checkpoint,
@@ -28,6 +29,10 @@ log = logging.getLogger("bptt_jax")
 
 
 def make_force_step(model, optimizer):
+    """Jitted force matching: ``step(params, opt_state, batch) -> (params, opt_state, loss, skipped)`` (one
+    ``optimizer`` step on the batch's mean force MSE; a step whose loss, gradient or update is non-finite is not
+    applied, ``skipped`` says so: :func:`~bptt_jax.bptt.update_if_finite`) and ``errors(params, batch) ->
+    (force MSE, force L2)`` per structure."""
     def loss_fn(params, batch):
         pred = model.apply(params, batch)
         per = force_mse(pred, batch.forces, batch.atom_mask)
@@ -37,8 +42,8 @@ def make_force_step(model, optimizer):
     def step(params, opt_state, batch):
         loss, grads = jax.value_and_grad(loss_fn)(params, batch)
         # ``value`` feeds optax.contrib.reduce_on_plateau when it is in the chain (ignored otherwise).
-        updates, opt_state = optimizer.update(grads, opt_state, params, value=loss)
-        return optax.apply_updates(params, updates), opt_state, loss
+        params, opt_state, skipped = update_if_finite(optimizer, grads, opt_state, params, loss, value=loss)
+        return params, opt_state, loss, skipped
 
     @jax.jit
     def errors(params, batch):
@@ -93,15 +98,18 @@ def pretrain(model, params, frames: list[Structure], cfg: PretrainConfig, bucket
     t0 = time.time()
     bar = tqdm(range(cfg.max_epochs), desc="pretrain", unit="epoch", disable=not progress)
     for epoch in bar:
-        losses = []
+        losses, skipped = [], 0
         for batch in force_batches(train, cfg.batch_size, buckets, rng):
-            params, opt_state, loss = step(params, opt_state, batch)
-            losses.append(float(loss))
+            params, opt_state, loss, skip = step(params, opt_state, batch)
+            if skip:  # not applied (a non-finite loss, gradient or update): counted, kept out of the mean
+                skipped += 1
+            else:
+                losses.append(float(loss))
         val_mse, val_l2 = force_errors(errors, params, val_batches)
         lr = (float(lr_of_step((epoch + 1) * n_batches)) if lr_of_step is not None
               else cfg.learning_rate * float(opt_state[2].scale))
-        rec = {"epoch": epoch + 1, "train_force_mse": float(np.mean(losses)), "val_force_mse": val_mse,
-               "val_force_l2": val_l2, "lr": lr}
+        rec = {"epoch": epoch + 1, "train_force_mse": float(np.mean(losses)) if losses else float("nan"),
+               "val_force_mse": val_mse, "val_force_l2": val_l2, "lr": lr, "skipped_updates": skipped}
         history.append(rec)
         bar.set_postfix(val_mse=f"{val_mse:.4f}", lr=f"{rec['lr']:.1e}")
         log.debug("pretrain epoch %d: train %.5f, val %.5f, lr %.2e", epoch + 1, rec["train_force_mse"], val_mse,
