@@ -17,7 +17,7 @@ Used elsewhere (import the submodule): :mod:`bptt_jax.ase` (an ASE calculator an
 """
 
 from bptt_jax.bptt import (BPTT, FitStep, OptimConfig, TrainState, count_params, jit_fit_step, jit_train_step,
-                           make_optimizer)
+                           make_optimizer, update_if_finite)
 from bptt_jax.inference import InferenceStats, RelaxOutcome, relax_many
 from bptt_jax.load import LoadedRun, load_run
 from bptt_jax.losses import dq, force_l2, force_mse, masked_mean, position_mse, structure_loss
@@ -33,5 +33,5 @@ __all__ = [
     "LoadedRun", "OptimConfig", "PRESETS", "RelaxConfig", "RelaxOutcome", "ResMLP", "RolloutResult", "StepHead", "Structure",
     "TrainState", "UpdateRule", "build_model", "bucket_size", "count_params", "descent", "displacement", "dq", "fire",
     "force_l2", "force_mse", "jit_fit_step", "jit_train_step", "load_run", "make_optimizer", "masked_mean", "minimum_image",
-    "position_mse", "relax_many", "rms_movement", "rollout", "structure_loss",
+    "position_mse", "relax_many", "rms_movement", "rollout", "structure_loss", "update_if_finite",
 ]

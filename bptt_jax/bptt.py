@@ -12,6 +12,12 @@ Everything here is a pure function of explicit pytrees::
 real structures of Dq (paper Eq. 4) or MSE of the final positions, plus an optional proximal L2 term to
 reference parameters (App. C.2).
 
+Bad numbers: a structure whose relaxation diverges (non-finite positions or forces, or a drift beyond
+``relax.diverge_distance``) is frozen at its last finite state, counted, and left out of the loss; its
+gradient contribution is exactly zero, even where the model is non-finite on it
+(:meth:`BPTT.loss_and_grad`). A step whose loss or gradient is still non-finite, or whose update would make a
+parameter non-finite, is skipped and counted (:func:`update_if_finite`; metric ``skipped_updates``).
+
 Training-only variations of the rollout (:class:`OptimConfig`: exploration noise, a stop rule drawn per step,
 App. C.1 and C.4) enter :meth:`BPTT.loss` as traced values, so they change from step to step without a new
 compilation, and never reach :meth:`BPTT.evaluate` or :meth:`BPTT.relax_batch`.
@@ -227,6 +233,36 @@ class TrainState:
     rng: Array
 
 
+def all_finite(tree: Any) -> Array:
+    """Whether every value of every leaf of ``tree`` is finite (a scalar bool)."""
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
+def update_if_finite(optimizer: optax.GradientTransformation, grads: Any, opt_state: optax.OptState,
+                     params: Any, loss: Array, **extra_args) -> tuple[Any, optax.OptState, Array]:
+    """One optimiser update, applied only if the loss, the gradient and the new parameters are all finite;
+    otherwise the parameters and the optimiser state stay as they were (Adam's moments and count, and with them
+    a schedule's position, do not move). The optimiser state is not checked: some hold infinities by design
+    (``optax.contrib.reduce_on_plateau`` starts from a best value of +inf).
+
+    The update is computed as usual and the old values are selected afterwards, so a normal step's arithmetic
+    is bit for bit that of ``optimizer`` alone. (``optax.apply_if_finite`` skips the same steps, but its
+    ``lax.cond`` around the inner update changes how XLA fuses the update with ``params + updates``: normal
+    steps then differ in the last bits.) ``extra_args`` go to ``optimizer.update`` (e.g. ``value``).
+
+    Returns:
+      ``(params, opt_state, skipped)``: ``skipped`` a scalar bool, True when the update was not applied.
+    """
+    updates, new_opt_state = optimizer.update(grads, opt_state, params, **extra_args)
+    new_params = optax.apply_updates(params, updates)
+    ok = all_finite((loss, grads, new_params))
+
+    def keep(new, old):
+        return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+    return keep(new_params, params), keep(new_opt_state, opt_state), ~ok
+
+
 def proximal_term(params: Params, ref_params: Params) -> Array:
     """``1/2 · ||θ - θ_ref||²`` over the model parameters."""
     diffs = jax.tree_util.tree_map(lambda p, r: jnp.sum((p - r) ** 2), params["model"], ref_params["model"])
@@ -378,6 +414,10 @@ class BPTT:
              ) -> tuple[Array, dict[str, Array]]:
         """Mean structural loss of the relaxed batch (+ proximal term) and per-structure diagnostics.
 
+        The mean runs over the real structures that did not diverge (a diverged one is frozen at its last finite
+        state and counted in ``aux["diverged"]``). Its gradient contribution is then zero, or NaN where the model
+        is non-finite on it (0 · inf): :meth:`loss_and_grad` guarantees the gradient without it.
+
         ``adjoint_probe``: (B,) zeros whose gradient is the per-structure adjoint residual (implicit/guided).
         ``overrides``: a training step's noise and stop rule (:meth:`training_overrides`).
         """
@@ -386,8 +426,9 @@ class BPTT:
         result = self.rollout(params, batch, key, mode="scan", adjoint_probe=adjoint_probe, max_frames=max_frames,
                               overrides=overrides)
         per_structure = structure_loss(self.optim.loss, result.positions, batch)
-        smask = batch.structure_mask
-        loss = masked_mean(per_structure, smask)
+        # A diverged structure (frozen at its last good state) is left out of the mean: its cotangent is zero.
+        counted = batch.structure_mask & ~result.diverged
+        loss = masked_mean(jnp.where(counted, per_structure, 0.0), counted)
         total = loss
         if self.optim.prox_weight and ref_params is not None:
             total = total + self.optim.prox_weight * proximal_term(params, ref_params)
@@ -395,9 +436,72 @@ class BPTT:
                "converged": result.converged, "diverged": result.diverged}
         return total, aux
 
+    def loss_and_grad(self, params: Params, batch: Batch, key: Optional[Array] = None,
+                      ref_params: Optional[Params] = None, n_frames: Optional[int] = None,
+                      overrides: Optional[RolloutOverrides] = None):
+        """``value_and_grad`` of :meth:`loss`, with the gradient of a batch whose structures diverged equal to that
+        of the batch without them.
+
+        :meth:`loss` leaves a diverged structure out, so no cotangent reaches it, and its contribution is exactly
+        zero as long as the model's values on it are finite. Where they are not (forces that overflowed, positions
+        that became NaN), the backward pass meets 0 · inf = NaN inside the model, which no masking after the
+        model call can undo. Then, and only then (loss or gradient non-finite and a structure diverged), the
+        gradient is taken again on the batch with the diverged structures made empty slots (:meth:`Batch.without
+        <bptt_jax.structures.Batch.without>`): the batch without them, same shapes. Both attempts are one
+        ``lax.while_loop`` (one compilation); a normal batch runs it once.
+
+        Args:
+          params, batch, key, ref_params: as :meth:`loss`.
+          n_frames: differentiate a scan of this many frames instead of ``relax.max_frames`` (static).
+          overrides: a training step's noise and stop rule (:meth:`training_overrides`).
+
+        Returns:
+          ``(total, aux, grads, residual)``: :meth:`loss`'s value and diagnostics (per-structure ``frames``,
+          ``converged`` and ``diverged`` of the first attempt: a structure left out keeps its flags), its gradient
+          with respect to ``params``, and the (B,) adjoint residual (None unless :attr:`uses_adjoint`).
+        """
+        smask = batch.structure_mask
+
+        def attempt(drop):
+            b = batch.without(drop)
+            if not self.uses_adjoint:
+                (total, aux), grads = jax.value_and_grad(self.loss, has_aux=True)(params, b, key, ref_params, None,
+                                                                                  n_frames, overrides)
+                return total, aux, grads, None
+            probe = jnp.zeros(smask.shape, batch.positions.dtype)
+            (total, aux), (grads, residual) = jax.value_and_grad(
+                lambda p, q: self.loss(p, b, key, ref_params, q, n_frames, overrides), argnums=(0, 1),
+                has_aux=True)(params, probe)
+            return total, aux, grads, residual
+
+        flag_names = ("frames", "converged", "diverged")
+
+        def body(carry):
+            i, drop, first, _ = carry
+            out = attempt(drop)
+            flags = {k: out[1][k] for k in flag_names}
+            first = jax.tree_util.tree_map(lambda new, old: jnp.where(i == 0, new, old), flags, first)
+            return i + 1, first["diverged"] & smask, first, out
+
+        def again(carry):
+            i, drop, _, (total, _, grads, _) = carry
+            return (i == 0) | ((i == 1) & jnp.any(drop) & ~all_finite((total, grads)))
+
+        no_drop = jnp.zeros(smask.shape, bool)
+        out0 = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(attempt, no_drop))
+        first0 = {k: out0[1][k] for k in flag_names}
+        carry = jax.lax.while_loop(again, body, (jnp.int32(0), no_drop, first0, out0))
+        _, _, first, (total, aux, grads, residual) = carry
+        return total, {**aux, **first}, grads, residual
+
     def train_step(self, state: TrainState, batch: Batch, ref_params: Optional[Params] = None,
                    n_frames: Optional[int] = None) -> tuple[TrainState, dict[str, Array]]:
-        """One optimiser step: ``value_and_grad`` of :meth:`loss` through the rollout, clip + Adam.
+        """One optimiser step: ``value_and_grad`` of :meth:`loss` through the rollout (:meth:`loss_and_grad`),
+        clip + Adam.
+
+        Diverged structures are left out of the loss and the gradient (:meth:`loss_and_grad`). A step whose loss,
+        gradient or update is still non-finite is skipped (:func:`update_if_finite`): parameters and optimiser
+        state stay as they were, while the step count and the key advance as usual, so a run stays reproducible.
 
         A pure function, not jitted here: :func:`jit_train_step` jits it (state donated, ``n_frames`` static).
 
@@ -410,22 +514,15 @@ class BPTT:
 
         Returns:
           ``(new_state, metrics)``: scalars ``total``, ``loss``, ``grad_norm``, ``frames`` (mean over real
-          structures), ``diverged``, ``converged`` (counts), and where they apply ``step_size``, the drawn
-          ``noise`` / ``tol`` / ``frame_limit`` and ``adjoint_residual``.
+          structures), ``diverged``, ``converged`` (counts), ``skipped_updates`` (1 if this step's update was not
+          applied, else 0), and where they apply ``step_size``, the drawn ``noise`` / ``tol`` / ``frame_limit``
+          and ``adjoint_residual``.
         """
         rng, key = jax.random.split(state.rng)
         overrides = self.training_overrides(state.step, key)
-        residual = None
-        if self.uses_adjoint:
-            probe = jnp.zeros(batch.positions.shape[:1], batch.positions.dtype)
-            (total, aux), (grads, residual) = jax.value_and_grad(
-                lambda p, q: self.loss(p, batch, key, ref_params, q, n_frames, overrides), argnums=(0, 1),
-                has_aux=True)(state.params, probe)
-        else:
-            (total, aux), grads = jax.value_and_grad(self.loss, has_aux=True)(state.params, batch, key, ref_params,
-                                                                              None, n_frames, overrides)
-        updates, opt_state = make_optimizer(self.optim).update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        total, aux, grads, residual = self.loss_and_grad(state.params, batch, key, ref_params, n_frames, overrides)
+        params, opt_state, skipped = update_if_finite(make_optimizer(self.optim), grads, state.opt_state,
+                                                      state.params, total)
         smask = batch.structure_mask
         metrics = {
             "total": total,
@@ -434,6 +531,7 @@ class BPTT:
             "frames": masked_mean(aux["frames"].astype(total.dtype), smask),
             "diverged": jnp.sum(aux["diverged"] & smask),
             "converged": jnp.sum(aux["converged"] & smask),
+            "skipped_updates": skipped.astype(jnp.int32),
         }
         if isinstance(self.step, LearnedStep):
             metrics["step_size"] = self.step.scalar(params)

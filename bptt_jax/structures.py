@@ -173,6 +173,22 @@ class Batch:
         """(B,) real atom counts."""
         return self.atom_mask.sum(axis=-1)
 
+    def without(self, drop: Array) -> "Batch":
+        """The batch with the structures ``drop`` (B,) bool made empty slots, exactly as :meth:`from_structures`
+        pads a batch (no atom, zero positions and masses, identity cell): the same shapes, so the same
+        compilation, as the batch of the other structures alone. Traceable."""
+        def empty(x, fill):
+            if x is None:
+                return None
+            m = drop.reshape(drop.shape + (1,) * (x.ndim - 1))
+            return jnp.where(m, jnp.asarray(fill, x.dtype), x)
+
+        eye = jnp.eye(3, dtype=self.cell.dtype)
+        return self.replace(positions=empty(self.positions, 0), numbers=empty(self.numbers, 0),
+                            masses=empty(self.masses, 0), cell=empty(self.cell, eye), pbc=empty(self.pbc, False),
+                            atom_mask=empty(self.atom_mask, False), fixed_mask=empty(self.fixed_mask, False),
+                            target_positions=empty(self.target_positions, 0), forces=empty(self.forces, 0))
+
     @classmethod
     def from_structures(
         cls,

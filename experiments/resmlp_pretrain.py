@@ -53,7 +53,7 @@ def memorises(model, frames, buckets, epochs: int = 300) -> float:
     for epoch in range(epochs):
         losses = []
         for b in batches:
-            params, state, loss = step(params, state, b)
+            params, state, loss, _ = step(params, state, b)
             losses.append(float(loss))
     return float(np.mean(losses))
 

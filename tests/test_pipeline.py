@@ -144,6 +144,7 @@ def test_the_stages_in_order(tmp_path, cli_cache):
     curves.close()
     (row,) = tuned.metrics
     assert row["epoch"] == 1 and row["structure_frames"] > 0 and tuned.step_size_initial == base.val_step
+    assert row["skipped_updates"] == 0 and all(r["skipped_updates"] == 0 for r in pre.history)
     assert tuned.kept_epoch == (1 if row["val_loss"] < tuned.val_start else 0)
     assert latest_step(bptt_dir(run_dir)) == 1
 
@@ -162,6 +163,8 @@ def test_the_stages_in_order(tmp_path, cli_cache):
                                  "constant_step": base.constant_step.avg, "fire": None, "bptt": final.tuned.avg,
                                  "oracle": None, "force_control": control.result.avg}
     assert written["bptt_selection"]["kept_epoch"] == tuned.kept_epoch
+    assert (written["bptt_train_diverged"], written["bptt_skipped_updates"], written["pretrain_skipped_updates"]) == (
+        row["train_diverged"], 0, 0)
     assert list(written["wall_s"]) == ["data", "pretrain", "baselines", "bptt", "evaluate", "force_control"]
     assert [r["stage"] for r in csv.DictReader(open(run_dir / "metrics.csv"))] == ["pretrain"] * 2 + ["bptt"]
 

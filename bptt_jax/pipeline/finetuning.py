@@ -139,9 +139,13 @@ def fine_tune(cfg: RunConfig, model, ev: Evaluator, model_params, start_step: fl
         seconds = time.time() - te
         val = val_loss(state.params)
         test = ev.test(bptt, state.params)  # with the model's own (possibly learned) step
-        row = {"epoch": epoch + 1, "train_loss": float(np.mean(stats.losses)), "val_loss": val, "test_loss": test.avg,
+        row = {"epoch": epoch + 1, "train_loss": stats.train_loss(), "val_loss": val, "test_loss": test.avg,
                "train_frames": float(np.mean(stats.frames)), "structure_frames": stats.structure_frames,
-               "train_diverged": stats.diverged, "test_diverged": test.diverged, "seconds": round(seconds, 2)}
+               "train_diverged": stats.diverged, "test_diverged": test.diverged,
+               "skipped_updates": stats.skipped_updates, "seconds": round(seconds, 2)}
+        if stats.skipped_updates:
+            log.warning("BPTT epoch %d: %d of %d updates skipped (non-finite loss, gradient or update)", epoch + 1,
+                        stats.skipped_updates, len(stats.losses))
         if ft.noise:
             noise = bptt.optim.noise
             row["noise"] = float(noise(epoch * steps_per_epoch) if callable(noise) else noise)
@@ -180,8 +184,18 @@ class _EpochStats:
     losses: list[float] = dataclasses.field(default_factory=list)  # per training step
     frames: list[float] = dataclasses.field(default_factory=list)  # mean frames per structure, per step
     structure_frames: float = 0.0  # structures × frames over the epoch (model evaluations)
-    diverged: int = 0
+    diverged: int = 0  # training structures left out of their step's loss (diverged)
+    skipped: list[bool] = dataclasses.field(default_factory=list)  # per step: its update was not applied
     residuals: list[float] = dataclasses.field(default_factory=list)  # adjoint residual per step (implicit modes)
+
+    @property
+    def skipped_updates(self) -> int:
+        return sum(self.skipped)
+
+    def train_loss(self) -> float:
+        """Mean loss of the steps whose update was applied (a skipped step's loss may be NaN)."""
+        applied = [loss for loss, skip in zip(self.losses, self.skipped) if not skip]
+        return float(np.mean(applied)) if applied else float("nan")
 
 
 def _train_epoch(train_step, state, ref_params, data: Data, batch_size: int, data_rng: np.random.Generator, mesh,
@@ -201,6 +215,7 @@ def _train_epoch(train_step, state, ref_params, data: Data, batch_size: int, dat
         stats.frames.append(step_row["frames"])
         stats.structure_frames += step_row["frames"] * len(idx)
         stats.diverged += step_row["diverged"]
+        stats.skipped.append(bool(m["skipped_updates"]))
         if "adjoint_residual" in m:
             step_row["adjoint_residual"] = float(m["adjoint_residual"])
             stats.residuals.append(step_row["adjoint_residual"])

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import optax
 
+from bptt_jax.bptt import update_if_finite
 from bptt_jax.losses import force_l2, force_mse, masked_mean
 from bptt_jax.models import fit_input_stats
 from bptt_jax.pipeline.checkpoints import (clear, init_from_dir, pretrained_dir, pretraining_dir, restore_checkpoint,
@@ -28,6 +29,10 @@ log = logging.getLogger("bptt_jax")
 
 
 def make_force_step(model, optimizer):
+    """Jitted force matching: ``step(params, opt_state, batch) -> (params, opt_state, loss, skipped)`` (one
+    ``optimizer`` step on the batch's mean force MSE; a step whose loss, gradient or update is non-finite is not
+    applied, ``skipped`` says so: :func:`~bptt_jax.bptt.update_if_finite`) and ``errors(params, batch) ->
+    (force MSE, force L2)`` per structure."""
     def loss_fn(params, batch):
         pred = model.apply(params, batch)
         per = force_mse(pred, batch.forces, batch.atom_mask)
@@ -37,8 +42,8 @@ def make_force_step(model, optimizer):
     def step(params, opt_state, batch):
         loss, grads = jax.value_and_grad(loss_fn)(params, batch)
         # ``value`` feeds optax.contrib.reduce_on_plateau when it is in the chain (ignored otherwise).
-        updates, opt_state = optimizer.update(grads, opt_state, params, value=loss)
-        return optax.apply_updates(params, updates), opt_state, loss
+        params, opt_state, skipped = update_if_finite(optimizer, grads, opt_state, params, loss, value=loss)
+        return params, opt_state, loss, skipped
 
     @jax.jit
     def errors(params, batch):
@@ -70,6 +75,7 @@ class PretrainProgress:
       rng: the shuffling generator's state (numpy ``bit_generator.state``) at the start of that epoch, so that a
         resume shuffles it the same way.
       losses: that epoch's training losses so far (its row's ``train_force_mse`` is their mean).
+      skipped: that epoch's updates skipped so far (non-finite; its row's ``skipped_updates``).
       history: the finished epochs' rows.
       best: the best validation force MSE so far (None: no epoch yet).
       bad_epochs: epochs since it last improved by ``min_delta``.
@@ -80,6 +86,7 @@ class PretrainProgress:
     position: int = 0
     rng: dict = dataclasses.field(default_factory=dict)
     losses: list = dataclasses.field(default_factory=list)
+    skipped: int = 0
     history: list = dataclasses.field(default_factory=list)
     best: Optional[float] = None
     bad_epochs: int = 0
@@ -156,8 +163,11 @@ def pretrain(model, params, frames: list[Structure], cfg: PretrainConfig, bucket
         rng.bit_generator.state = prog.rng
         batches = force_batches(train, cfg.batch_size, buckets, rng)
         for batch in batches[prog.position:]:
-            params, opt_state, loss = step(params, opt_state, batch)
-            prog.losses.append(float(loss))
+            params, opt_state, loss, skip = step(params, opt_state, batch)
+            if skip:  # not applied (a non-finite loss, gradient or update): counted, kept out of the mean
+                prog.skipped += 1
+            else:
+                prog.losses.append(float(loss))
             prog.position += 1
             if (checkpoints is not None and cfg.checkpoint_every and prog.position % cfg.checkpoint_every == 0
                     and prog.position < len(batches)):
@@ -166,8 +176,8 @@ def pretrain(model, params, frames: list[Structure], cfg: PretrainConfig, bucket
         val_mse, val_l2 = force_errors(errors, params, val_batches)
         lr = (float(lr_of_step(epoch * n_batches)) if lr_of_step is not None
               else cfg.learning_rate * float(opt_state[2].scale))
-        rec = {"epoch": epoch, "train_force_mse": float(np.mean(prog.losses)), "val_force_mse": val_mse,
-               "val_force_l2": val_l2, "lr": lr}
+        rec = {"epoch": epoch, "train_force_mse": float(np.mean(prog.losses)) if prog.losses else float("nan"),
+               "val_force_mse": val_mse, "val_force_l2": val_l2, "lr": lr, "skipped_updates": prog.skipped}
         bar.set_postfix(val_mse=f"{val_mse:.4f}", lr=f"{rec['lr']:.1e}")
         log.debug("pretrain epoch %d: train %.5f, val %.5f, lr %.2e", epoch, rec["train_force_mse"], val_mse,
                   rec["lr"])
@@ -185,7 +195,7 @@ def pretrain(model, params, frames: list[Structure], cfg: PretrainConfig, bucket
         elif epoch == cfg.max_epochs:
             rec["stop"] = "max_epochs"
         prog.history.append(rec)
-        prog.epoch, prog.position, prog.rng, prog.losses = epoch, 0, rng.bit_generator.state, []
+        prog.epoch, prog.position, prog.rng, prog.losses, prog.skipped = epoch, 0, rng.bit_generator.state, [], 0
         bar.update()
         if checkpoints is not None:
             save()

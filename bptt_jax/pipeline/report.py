@@ -94,6 +94,11 @@ def build_results(cfg: RunConfig, data: Data, pre: Pretrained, base: Baselines, 
         "diverged": {k: v["diverged"] for k, v in summary.items()},
         "skipped": {"total": data.skipped.total, "by_reason": dict(data.skipped.counts),
                     "examples": data.skipped.messages[:5]},
+        # Training relaxations that diverged (left out of their step's loss and gradient), summed over BPTT's
+        # steps, and optimiser updates not applied because something was non-finite (per epoch: metrics.csv).
+        "bptt_train_diverged": sum(r.get("train_diverged", 0) for r in tuned.metrics),
+        "bptt_skipped_updates": sum(r.get("skipped_updates", 0) for r in tuned.metrics),
+        "pretrain_skipped_updates": sum(r.get("skipped_updates", 0) for r in pre.history),
         "step_size_initial": tuned.step_size_initial,
         "step_size_final": float(step_final) if step_final is not None else None,
         "bptt_selection": {"kept_epoch": tuned.kept_epoch if cfg.finetune.epochs else None,
@@ -291,6 +296,12 @@ def markdown_table(results: dict) -> str:
         lines.append(f"force L2 error (test frames): pretrained {f['pretrained']:.4g}, BPTT-tuned {f['bptt']:.4g}"
                      + (f", equal-compute force training {f['force_control']:.4g}" if f.get("force_control")
                         is not None else ""))
+    health = [(results.get(k) or 0, what) for k, what in (
+        ("bptt_train_diverged", "diverged BPTT training relaxations (left out of the loss)"),
+        ("bptt_skipped_updates", "skipped BPTT updates (non-finite)"),
+        ("pretrain_skipped_updates", "skipped pretraining updates (non-finite)"))]
+    if any(n for n, _ in health):
+        lines.append("training: " + ", ".join(f"{n} {what}" for n, what in health))
     sel = results.get("bptt_selection") or {}
     if sel.get("val_loss"):
         lines.append("validation " + metric + " per epoch (0 = pretrained): "

@@ -7,9 +7,10 @@ per-structure ``done`` mask (for training: reverse-mode differentiable) or an ea
 decision is taken on ``stop_gradient`` values: gradients flow through the frames a structure took, never
 through the decision when to stop. Converged structures are frozen with ``jnp.where``.
 
-A structure *diverges* when its positions become non-finite or its RMS displacement from the start
-exceeds ``diverge_distance`` (Å); it is then frozen at its last good state, flagged, and counted by the
-caller, so one bad structure never turns a batch's loss into NaN.
+A structure *diverges* when its positions become non-finite (non-finite forces make them so) or its RMS
+displacement from the start exceeds ``diverge_distance`` (Å); it is then frozen at its last good state, flagged,
+and counted by the caller, so its positions stay finite. (Its gradient: :meth:`bptt_jax.bptt.BPTT.loss_and_grad`
+leaves it out of the loss and guarantees a zero contribution.)
 
 The stop rule (:func:`stop_rule`) and the per-structure :class:`Status` it updates are the only ones in the
 library: the training rollout, the early-exit rollout and :func:`bptt_jax.inference.relax_many` all use them.
