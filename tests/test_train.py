@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
@@ -218,7 +219,16 @@ def test_a_run_killed_anywhere_resumes_to_the_same_results(tmp_path, cli_cache):
     ref_data = cli_cache / "data" / dataset.name
     names = sorted(p.name for p in ref_data.glob("*.extxyz"))
     assert len(names) == 10 and sorted(p.name for p in dataset.glob("*.extxyz")) == names
-    assert all((dataset / name).read_bytes() == (ref_data / name).read_bytes() for name in names)
+    # Not byte for byte: ASE's BFGS in the generator can differ in the last bits between processes (numpy's SIMD
+    # sums depend on memory alignment; seen under a loaded full suite: energies in the 16th digit).
+    from ase.io import read
+
+    for name in names:
+        got, want = read(dataset / name, index=":"), read(ref_data / name, index=":")
+        assert len(got) == len(want), name
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(g.positions, w.positions, rtol=0, atol=1e-6)
+            np.testing.assert_allclose(g.get_forces(), w.get_forces(), rtol=0, atol=1e-5)
     assert not list(dataset.glob("*.tmp*"))
 
 
