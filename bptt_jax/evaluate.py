@@ -139,7 +139,7 @@ def evaluate_run(run_dir: Union[str, Path], overrides: Sequence[str] = (), out_d
     if run.elements is not None and unseen:
         log.warning("the test split has element(s) %s the run never trained on: expect poor forces",
                     sorted(unseen))
-    pre_params = run.params["model"] if checkpoint == "pretrained" else load_run(run_dir, "pretrained").params["model"]
+    pre_params = run.pretrained
     ev = Evaluator.create(cfg, model, data, jax.random.PRNGKey(cfg.seed))
     base = baselines(cfg, model, ev, pre_params)
     bptt = dataclasses.replace(run.bptt, relax=dataclasses.replace(

@@ -45,6 +45,8 @@ class LoadedRun:
       checkpoint: what was loaded: ``"final"`` (the delivered epoch), ``"pretrained"`` or an epoch number.
       epoch: the BPTT epoch of the parameters (0: the pretrained model).
       elements: the atomic numbers of the run's training data (None: not recorded, runs before 2026-12-03).
+      pretrained: the force-trained model's parameters (the ``checkpoints/pretrained`` step), whatever
+        ``checkpoint`` loaded: what the constant-step and FIRE baselines relax with.
     """
 
     path: Path
@@ -54,6 +56,7 @@ class LoadedRun:
     checkpoint: Checkpoint
     epoch: int
     elements: Optional[frozenset[int]] = None
+    pretrained: Optional[Any] = None
 
     @property
     def model(self):
@@ -146,4 +149,4 @@ def load_run(run_dir: Union[str, Path], checkpoint: Checkpoint = "final") -> Loa
         like = {"state": bptt.init_state(params, jax.random.PRNGKey(0))}
         params = restore_checkpoint(bptt_dir(path), like, step=epoch)[0]["state"].params
     elements = frozenset(int(z) for z in results["elements"]) if "elements" in results else None
-    return LoadedRun(path, cfg, bptt, params, checkpoint, epoch, elements)
+    return LoadedRun(path, cfg, bptt, params, checkpoint, epoch, elements, variables)

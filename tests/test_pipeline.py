@@ -192,6 +192,8 @@ def test_the_stages_in_order(tmp_path, cli_cache):
     np.testing.assert_allclose([o.loss for o in outcomes], final.tuned.per_structure, rtol=1e-4)
     pretrained = load_run(run_dir, "pretrained")
     assert pretrained.epoch == 0 and pretrained.step_size == pytest.approx(base.val_step)
+    for run in (loaded, pretrained):  # the baselines' model, whatever was loaded
+        jax.tree_util.tree_map(np.testing.assert_array_equal, run.pretrained, pretrained.params["model"])
     outcomes, _ = pretrained.relax(starts, targets, batch_size=2)
     np.testing.assert_allclose([o.loss for o in outcomes], base.grid[base.val_step].per_structure, rtol=1e-4)
     for bad, kind, words in ((dict(checkpoint=7), ValueError, "no checkpoint of epoch 7"),

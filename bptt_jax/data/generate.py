@@ -36,7 +36,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import socket
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -50,6 +49,7 @@ from ase.calculators.singlepoint import SinglePointCalculator
 from ase.constraints import FixAtoms
 from ase.data import atomic_numbers, reference_states
 
+from bptt_jax.files import atomic_path, remove_stale, write_text_atomic
 
 MANIFEST = "manifest.json"
 
@@ -426,12 +426,11 @@ def generate_one(name: str, params, seed: int, index: int, out_dir: str, oracle:
                                                                  for k, v in info.items()}})
         f.new_array("fixed", fixed.copy())
     path = Path(out_dir) / f"{traj_id}.extxyz"
-    # This process's own temporary name: a worker left running by a killed generation may still write it.
-    tmp = _tmp_name(path)
     from ase.io import write
 
-    write(tmp, frames, format="extxyz")
-    os.replace(tmp, path)  # atomic: a file that exists is complete
+    # This process's own temporary name: a worker left running by a killed generation may still write it.
+    with atomic_path(path) as tmp:  # a file that exists is complete
+        write(tmp, frames, format="extxyz")
     fmax = float(np.max(np.linalg.norm(frames[-1].get_forces()[~fixed], axis=1))) if (~fixed).any() else 0.0
     return {"file": path.name, "frames": len(frames), "atoms": len(atoms), "converged": fmax <= params.fmax,
             **info}
@@ -447,31 +446,6 @@ def _versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return out
-
-
-def _tmp_name(path: Path) -> Path:
-    """Where this process writes ``path`` before renaming it: its own name (host and process id), so that writers
-    never share one, and a killed writer's leftovers are known (:func:`_remove_stale`)."""
-    return path.with_name(f"{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-
-
-def _remove_stale(out: Path) -> None:
-    """Remove the temporary files that processes of this host no longer alive left in ``out`` (killed writers)."""
-    prefix = f"-{socket.gethostname()}-"
-    for tmp in out.glob(f"*.tmp{prefix}*"):
-        try:
-            os.kill(int(tmp.name.rsplit(prefix, 1)[1]), 0)
-        except ProcessLookupError:
-            tmp.unlink(missing_ok=True)
-        except (ValueError, PermissionError):  # not one of ours, or a live process of another user
-            pass
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` whole or not at all (a killed generation leaves the old manifest, never half)."""
-    tmp = _tmp_name(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _params_dict(params) -> dict[str, Any]:
@@ -490,7 +464,7 @@ def generate(name: str, out_dir: str | os.PathLike, *, preset: str = "default", 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / MANIFEST
-    _remove_stale(out)
+    remove_stale(out)
     previous: dict[str, dict] = {}
     # Trajectory i depends on everything but n: a larger n extends a dataset, a smaller one is a prefix.
     identity = {k: v for k, v in _params_dict(params).items() if k != "n"}
@@ -516,7 +490,7 @@ def generate(name: str, out_dir: str | os.PathLike, *, preset: str = "default", 
             for stale in out.glob(f"{name}_*.extxyz"):
                 stale.unlink()
     manifest = {**wanted, "n": params.n, "complete": False, "versions": _versions(), "trajectories": []}
-    _write_atomically(manifest_path, json.dumps(manifest, indent=1))
+    write_text_atomic(manifest_path, json.dumps(manifest, indent=1))
 
     records: dict[int, dict] = {}
     todo = []
@@ -566,5 +540,5 @@ def generate(name: str, out_dir: str | os.PathLike, *, preset: str = "default", 
         "wall_s": round(time.time() - t0, 2),
         "trajectories": trajs,
     })
-    _write_atomically(manifest_path, json.dumps(manifest, indent=1))
+    write_text_atomic(manifest_path, json.dumps(manifest, indent=1))
     return manifest
