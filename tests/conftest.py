@@ -1,10 +1,23 @@
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from ase.build import bulk, molecule
 
+from bptt_jax.runtime import add_xla_flags
 from bptt_jax.structures import Structure
+
+# The suite compiles hundreds of small programs and runs most of them a few times, so compiling is most of its
+# time: XLA's CPU backend is told to spend less on LLVM optimisation (about a third off a compile-bound test,
+# measured on the sharded-step test: 89 s -> 59 s; running the programs is ~20% slower). The flags are set in this
+# process's environment before JAX starts, so the CLI runs and the other subprocesses the tests start inherit
+# them. The programs' float32 results can differ from the optimised ones in the last bits; every comparison in
+# the suite is within one setting (or has a tolerance). BPTT_TEST_OPTIMIZED=1 runs the suite with XLA's defaults.
+TEST_XLA_FLAGS: tuple[str, ...] = () if os.environ.get("BPTT_TEST_OPTIMIZED") else (
+    "--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+add_xla_flags(TEST_XLA_FLAGS)
 
 
 def rattled_si(repeat=(1, 1, 1), sigma=0.1, seed=0, cubic=False, drop=0):

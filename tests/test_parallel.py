@@ -24,7 +24,7 @@ from bptt_jax.bptt import BPTT, jit_train_step
 from bptt_jax.models import build_model
 from bptt_jax.relax import RelaxConfig
 from bptt_jax.structures import Batch
-from conftest import rattled_si
+from conftest import TEST_XLA_FLAGS, rattled_si
 
 KEY = jax.random.PRNGKey(0)
 TESTS = Path(__file__).resolve().parent
@@ -32,8 +32,10 @@ ROOT = TESTS.parent
 
 
 def _env(**extra):
+    """The environment of a subprocess: CPU only, this checkout importable, and XLA_FLAGS the suite's compile
+    settings (:data:`conftest.TEST_XLA_FLAGS`) plus ``extra``'s, not what the calling shell had."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(ROOT), str(TESTS)]))
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = " ".join([*TEST_XLA_FLAGS, extra.pop("XLA_FLAGS", "")]).strip()
     env.update(extra)
     return env
 
