@@ -32,7 +32,6 @@ def test_an_error_leaves_nothing_behind(tmp_path):
     assert target.read_text() == "complete" and os.listdir(tmp_path) == ["out.extxyz"]
 
 
-
 def test_a_killed_writers_temporary_file_is_removed_and_a_live_ones_is_not(tmp_path):
     import socket
     import subprocess
